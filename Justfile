@@ -1,0 +1,28 @@
+# bertops tasks. Run through `python3 bootstrap.py RECIPE`, which sets up .venv first,
+# or directly with `just RECIPE` inside an activated .venv.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# list recipes
+default:
+    @just --list
+
+# end to end on the bundled default (all-MiniLM-L6-v2): export -> predict -> serve -> query
+demo out="runs/demo":
+    bertops demo --out {{out}}
+
+# the whole test suite (slow end-to-end tests included)
+test *args:
+    python -m pytest -q {{args}}
+
+# only the fast tests
+test-fast *args:
+    python -m pytest -q -m "not slow" {{args}}
+
+# in-process inference benchmark (HF eager/SDPA vs onnxruntime vs bertops.infer)
+bench-inference *args:
+    python bench/inference.py {{args}}
+
+# Triton serving benchmark (perf_analyzer over concurrency)
+bench-serving *args:
+    python bench/serving.py {{args}}

@@ -1,0 +1,336 @@
+"""Typed configuration: YAML -> dataclasses -> ``a.b=c`` overrides -> validated, frozen.
+
+Defaults live only in the dataclasses below (never ``cfg.get(key, default)`` elsewhere). A config
+file holds any subset of the sections ``model``, ``data``, ``train``, ``export`` and ``serve``;
+whatever it leaves out keeps the default. Every problem is raised as a :class:`BertopsError` whose
+one line names the key and the fix, so the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bertops.errors import BertopsError
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+TASK_NAMES = ("embeddings", "sequence-classification", "token-classification", "fill-mask", "pretraining")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """BERT architecture. Field names and meanings are those of HF ``BertConfig`` (config.json)."""
+
+    vocab_size: int = 30522  # WordPiece vocabulary size; the MLM decoder is tied to this embedding
+    hidden_size: int = 768  # d_model; must divide evenly by num_attention_heads
+    num_hidden_layers: int = 12  # encoder layers
+    num_attention_heads: int = 12  # heads per layer; head size = hidden_size / num_attention_heads
+    intermediate_size: int = 3072  # feed-forward inner size (usually 4 * hidden_size)
+    hidden_act: str = "gelu"  # "gelu" (erf), "gelu_new"/"gelu_pytorch_tanh" (tanh approx.), "relu"
+    hidden_dropout_prob: float = 0.1  # dropout after embeddings, attention output and FFN
+    attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities (training only)
+    max_position_embeddings: int = 512  # longest sequence the position table covers
+    type_vocab_size: int = 2  # segment ids (sentence A / B)
+    layer_norm_eps: float = 1e-12  # BERT's LayerNorm epsilon
+    pad_token_id: int = 0  # id of [PAD]
+    initializer_range: float = 0.02  # std of the normal init for fresh weights
+    attn_implementation: str = "sdpa"  # key into bertops.model.ATTENTION_FUNCTIONS
+    num_labels: int = 2  # classes of the sequence / token classification head
+    id2label: dict[int, str] | None = None  # label names, index -> name; None means LABEL_i
+    classifier_dropout: float | None = None  # None falls back to hidden_dropout_prob, as in HF
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def labels(self) -> list[str]:
+        """Label names in index order (``LABEL_i`` where the config names none)."""
+        names = self.id2label or {}
+        return [names.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json content ``transformers.BertConfig`` reads."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["id2label"] = {str(i): name for i, name in enumerate(self.labels())}
+        out["label2id"] = {name: i for i, name in enumerate(self.labels())}
+        out.pop("attn_implementation")
+        out.pop("num_labels")  # implied by id2label in HF's format
+        out.update(model_type="bert", architectures=["BertForPreTraining"], position_embedding_type="absolute")
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], **overrides: Any) -> ModelConfig:
+        """Read a HF config.json dict, ignoring keys that do not describe a BERT encoder."""
+        if raw.get("model_type", "bert") != "bert":
+            raise BertopsError(
+                f"config.json has model_type {raw['model_type']!r}; bertops loads BERT checkpoints only "
+                "(model_type 'bert')"
+            )
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise BertopsError("config.json asks for relative position embeddings; bertops supports 'absolute' only")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        if raw.get("id2label"):
+            names = {int(k): v for k, v in raw["id2label"].items()}
+            values["num_labels"] = values.get("num_labels", len(names))
+            # HF writes LABEL_i placeholders when no names were given; keep "no names" as None.
+            values["id2label"] = None if all(v == f"LABEL_{k}" for k, v in names.items()) else names
+        values.update(overrides)
+        return _build(cls, values, "model")
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise BertopsError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                f"{self.num_attention_heads}; pick a head count that divides the hidden size"
+            )
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise BertopsError(
+                f"model.attn_implementation={self.attn_implementation!r} is unknown; use one of {ATTN_IMPLEMENTATIONS}"
+            )
+        if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise BertopsError(f"model.hidden_act={self.hidden_act!r} is unsupported; use gelu, gelu_new or relu")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise BertopsError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_labels < 1:
+            raise BertopsError(f"model.num_labels must be at least 1, got {self.num_labels}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it is cut into model inputs."""
+
+    train_files: tuple[str, ...] = ()  # text or JSONL files for training
+    eval_files: tuple[str, ...] = ()  # held-out files for evaluation
+    tokenizer: str = ""  # folder with tokenizer.json or vocab.txt; empty: the checkpoint's own
+    max_seq_len: int = 128  # tokens per example, [CLS] and [SEP] included
+    mlm_probability: float = 0.15  # share of tokens chosen for masking in pretraining
+    lowercase: bool = True  # lowercase text before WordPiece (uncased models)
+
+    def validate(self) -> None:
+        if not 8 <= self.max_seq_len <= 8192:
+            raise BertopsError(f"data.max_seq_len={self.max_seq_len} is out of range; use 8..8192")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise BertopsError(f"data.mlm_probability={self.mlm_probability} must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. Gradient accumulation is derived, never set: see ``grad_accum_steps``."""
+
+    task: str = "pretraining"  # one of bertops.config.TASK_NAMES
+    init_from: str = ""  # checkpoint folder to start from; empty: random init from `model`
+    output_dir: str = "runs/default"  # checkpoints and logs land here
+    global_batch_size: int = 32  # sequences per optimizer step, across all ranks
+    micro_batch_size: int = 8  # sequences per rank per forward pass
+    learning_rate: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.01  # AdamW decay (not applied to biases and LayerNorm)
+    warmup_steps: int = 100  # linear warm-up to the peak
+    max_steps: int = 1000  # optimizer steps in total
+    precision: str = "bf16"  # "bf16", "fp16" or "fp32"; bf16 is the fast default on CPU and Ampere+
+    seed: int = 0  # seeds python, numpy and torch on every rank
+    ds_config: str = "ds_configs/zero2.json"  # DeepSpeed-only settings (ZeRO stage, offload)
+    log_every: int = 10  # steps between log lines
+    save_every: int = 500  # steps between checkpoints
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step so that micro * world * accum == global."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise BertopsError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by train.micro_batch_size="
+                f"{self.micro_batch_size} x world size {world_size}; change one of them"
+            )
+        return self.global_batch_size // per_step
+
+    def validate(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise BertopsError(f"train.task={self.task!r} is unknown; use one of {TASK_NAMES}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise BertopsError(f"train.precision={self.precision!r} is unknown; use bf16, fp16 or fp32")
+        if self.micro_batch_size <= 0 or self.global_batch_size <= 0:
+            raise BertopsError("train.micro_batch_size and train.global_batch_size must be positive")
+        self.grad_accum_steps(1)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export settings (``bertops export onnx``)."""
+
+    task: str = "embeddings"  # which head's outputs the graph exposes
+    precision: str = "fp32"  # "fp32" or "fp16" (fp16 pays off on CUDA only)
+    opset: int = 17  # ONNX opset; 17 is what onnxruntime's BERT fusions are written against
+    max_seq_len: int = 128  # longest input the exported model is checked and benchmarked at
+    parity_atol: float = 1e-4  # PyTorch vs onnxruntime gate (fp32)
+
+    def validate(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise BertopsError(f"export.task={self.task!r} is unknown; use one of {TASK_NAMES}")
+        if self.precision not in ("fp32", "fp16"):
+            raise BertopsError(f"export.precision={self.precision!r} is unknown; use fp32 or fp16")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Triton repository and server settings (``bertops triton build`` / ``bertops serve``)."""
+
+    flavor: str = "cpu"  # "cpu": encoder in a python-backend model; "gpu": Triton's onnxruntime backend
+    max_batch_size: int = 32  # largest batch a model accepts
+    instances: int = 1  # model instances per model
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)  # dynamic batcher targets
+    max_queue_delay_us: int = 2000  # how long the batcher waits to fill a batch
+    host: str = "127.0.0.1"  # address the server binds; loopback unless told otherwise
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+
+    def validate(self) -> None:
+        if self.flavor not in ("cpu", "gpu"):
+            raise BertopsError(f"serve.flavor={self.flavor!r} is unknown; use cpu or gpu")
+        if self.max_batch_size < 1 or self.instances < 1:
+            raise BertopsError("serve.max_batch_size and serve.instances must be at least 1")
+        if any(b > self.max_batch_size for b in self.preferred_batch_sizes):
+            raise BertopsError("serve.preferred_batch_sizes must not exceed serve.max_batch_size")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# --- building dataclasses from plain dicts, with type checks -------------------------------------
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (and convert lists to tuples)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except BertopsError:
+                continue
+        raise BertopsError(f"{where}={value!r} has the wrong type; expected {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise BertopsError(f"{where} must be a mapping of keys, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            value = [value]
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(v, item, where) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BertopsError(f"{where} must be a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, where): _coerce(v, vt, where) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise BertopsError(f"{where}={value!r} has the wrong type; expected {tp.__name__}")
+        return value
+    raise BertopsError(f"{where}: unsupported annotation {tp}")  # a bug in this module, not user input
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise BertopsError(f"unknown key {where}.{unknown[0]}; valid keys under {where}: {', '.join(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested dicts (YAML content)."""
+    if not isinstance(raw, dict):
+        raise BertopsError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    return _build(Config, raw, "config").validate()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to nested dicts; values are parsed as YAML scalars."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise BertopsError(f"override {item!r} is not of the form section.key=value")
+        parts = key.split(".")
+        _check_path(parts, key)
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise BertopsError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text else ""
+    return out
+
+
+def _check_path(parts: list[str], key: str) -> None:
+    """Unknown override keys are an error before anything runs, not a silently ignored typo."""
+    cls: Any = Config
+    for i, p in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise BertopsError(f"unknown override key {key!r}: {'.'.join(parts[:i])} has no sub-keys")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if p not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise BertopsError(f"unknown override key {key!r}; valid keys under {where}: {', '.join(fields)}")
+        cls = typing.get_type_hints(cls)[p]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise BertopsError(f"config file {path} does not exist; pass a YAML file (see bertops/configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise BertopsError(f"{path} is not valid YAML{at}: {problem}; fix the file and retry") from None
+    return raw or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (optional) + overrides -> validated, frozen :class:`Config`."""
+    raw = load_yaml(path) if path else {}
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def packaged_configs() -> list[Path]:
+    """The YAML files shipped inside the package (bertops/configs/*.yaml)."""
+    return sorted((Path(__file__).parent / "configs").glob("*.yaml"))
