@@ -189,5 +189,173 @@ def checkpoint_info(model: ModelDir):
     out.print_json(json.dumps(describe_checkpoint(resolve_model_dir(model))))
 
 
+# --- export / predict -----------------------------------------------------------------------------
+
+export_app = typer.Typer(help="Export checkpoints for inference.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@command(export_app, "onnx")
+def export_onnx_cmd(
+    model: ModelDir,
+    task: Annotated[str, typer.Option(help="embeddings, sequence-classification, token-classification, fill-mask, pretraining.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for model.onnx, tokenizer, labels, report.")],
+    precision: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
+    opset: Annotated[int, typer.Option(help="ONNX opset: 14-17 (onnxruntime fusion) or 23-25 (standard Attention op).")] = 17,
+    max_seq_len: Annotated[int, typer.Option(help="Sequence length for the latency check.")] = 128,
+):
+    """Export to ONNX with one fused attention node per layer, gated on parity with PyTorch."""
+    from bertops.checkpoint import resolve_model_dir
+    from bertops.export import export_onnx
+
+    with console.status("exporting") as status:
+        report = export_onnx(
+            resolve_model_dir(model), task, out_dir, precision, opset, max_seq_len,
+            progress=lambda msg: status.update(msg),
+        )
+    fused = report.get("fused", {})
+    parity = report.get("parity", {})
+    out.print(f"[bold green]exported[/] {out_dir / 'model.onnx'}  task={task} opset={opset} precision={precision}")
+    out.print(f"fused: {json.dumps(fused)}")
+    out.print(f"parity (max abs vs PyTorch): {json.dumps(parity)}", soft_wrap=True)
+    out.print(f"latency on this machine: {json.dumps(report.get('latency', {}))}", soft_wrap=True)
+
+
+@command(app, "predict")
+def predict_cmd(
+    model: Annotated[Path, typer.Option("--model", "-m", help="An export folder (`bertops export onnx --out`).")],
+    input_file: Annotated[Path, typer.Option("--input", "-i", help="JSONL with {\"text\": ...} per line (or plain text lines).")],
+    output_file: Annotated[Path, typer.Option("--out", "-o", help="JSONL answers, one per input line.")],
+    batch_size: Annotated[int, typer.Option(help="Texts per onnxruntime run (grouped by length).")] = 64,
+    max_length: Annotated[int, typer.Option(help="Truncate texts to this many tokens.")] = 512,
+):
+    """Run an exported model on a JSONL file in-process (onnxruntime, length-grouped batches)."""
+    from rich.progress import Progress
+
+    from bertops.infer import load_predictor, predict_file
+
+    predictor = load_predictor(model, max_length=max_length)
+    with Progress(console=console, transient=True) as bar:
+        job = bar.add_task("predicting", total=None)
+        n = predict_file(predictor, input_file, output_file, batch_size,
+                         progress=lambda done, total: bar.update(job, completed=done, total=total))
+    out.print(f"wrote {n} answers to {output_file}")
+
+
+# --- triton / serve / client ----------------------------------------------------------------------
+
+triton_app = typer.Typer(help="Build and check Triton model repositories.", no_args_is_help=True)
+client_app = typer.Typer(help="Query models served by `bertops serve` (prints JSON).", no_args_is_help=True)
+app.add_typer(triton_app, name="triton")
+app.add_typer(client_app, name="client")
+
+
+@command(triton_app, "build")
+def triton_build(
+    export: Annotated[Path, typer.Option("--export", "-e", help="Export folder (`bertops export onnx --out`).")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Ensemble name clients call.")],
+    repo: Annotated[Path, typer.Option("--repo", "-r", help="Model repository folder.")] = Path("triton_models"),
+    flavor: Annotated[str, typer.Option(help="cpu: onnxruntime in the python backend; gpu: onnxruntime backend.")] = "cpu",
+    max_batch_size: Annotated[int, typer.Option(help="Largest batch each model accepts.")] = 32,
+    instances: Annotated[int, typer.Option(help="Instances per model (instance_group count).")] = 1,
+    max_queue_delay_us: Annotated[int, typer.Option(help="Dynamic batcher queue delay.")] = 2000,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per text before truncation (default 512).")] = None,
+):
+    """Write NAME (ensemble), NAME_tokenizer, NAME_encoder and NAME_postprocess into the repository."""
+    from bertops.triton.repository import build_repository
+
+    path = build_repository(export, name, repo, flavor=flavor, max_batch_size=max_batch_size, instances=instances,
+                            max_queue_delay_us=max_queue_delay_us, max_length=max_length)
+    out.print(f"wrote {path} (+ {name}_tokenizer, {name}_encoder, {name}_postprocess; flavor {flavor}); "
+              f"serve with `bertops serve --repo {repo}`", highlight=False)
+
+
+@command(triton_app, "validate")
+def triton_validate(repo: Annotated[Path, typer.Option("--repo", "-r", help="Model repository folder.")] = Path("triton_models")):
+    """Parse every config.pbtxt with Triton's ModelConfig and check the wiring and ONNX graphs."""
+    from bertops.triton.repository import validate_repository
+
+    problems = validate_repository(repo)
+    if problems:
+        for problem in problems:
+            console.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+        raise BertopsError(f"{repo} has {len(problems)} problem(s); fix them or rebuild with `bertops triton build`")
+    out.print(f"{repo}: valid", highlight=False)
+
+
+@command(app, "serve")
+def serve(
+    repo: Annotated[Path, typer.Option("--repo", "-r", help="Model repository folder.")] = Path("triton_models"),
+    http_port: Annotated[int, typer.Option(help="HTTP/REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    host: Annotated[str, typer.Option(help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
+    log_file: Annotated[Path | None, typer.Option(help="Server log (default: a temporary file).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for all models to load.")] = 300.0,
+):
+    """Validate the repository, start tritonserver on it, print the endpoints; Ctrl-C stops it cleanly."""
+    import time
+
+    from bertops.triton.repository import check_servable, repository_models
+    from bertops.triton.server import TritonServer
+
+    check_servable(repo)  # one-line refusal before anything starts
+    server = TritonServer(repo, http_port, grpc_port, metrics_port, host=host, log_file=log_file)
+    try:
+        server.start(timeout)
+        models = ", ".join(f"{m} ({t})" for m, t in repository_models(repo).items())
+        out.print(f"serving {repo}: {models}", highlight=False)
+        out.print(f"  HTTP    http://{server.http_url}  (health: /v2/health/ready)", highlight=False)
+        out.print(f"  gRPC    {server.grpc_url}", highlight=False)
+        out.print(f"  metrics http://{server.metrics_url}/metrics", highlight=False)
+        out.print(f"  log     {server.log_path}; Ctrl-C to stop", highlight=False)
+        while server.running:
+            time.sleep(0.5)
+        raise BertopsError(f"tritonserver exited with code {server.process.returncode}; see {server.log_path}")
+    except KeyboardInterrupt:
+        console.print("stopping tritonserver ...")
+    finally:
+        server.stop()
+
+
+ClientUrl = Annotated[str | None, typer.Option("--url", "-u", help="HOST:PORT (default 127.0.0.1:8000 http, :8001 grpc).")]
+ClientProtocol = Annotated[str, typer.Option("--protocol", "-p", help="http or grpc.")]
+ClientModel = Annotated[str, typer.Option("--model", "-m", help="Ensemble name (bertops triton build --name).")]
+ClientTexts = Annotated[list[str], typer.Argument(help="Texts to send.")]
+
+
+def _client_predict(url, protocol, model, texts, pairs=None) -> None:
+    from bertops.client import Client
+
+    with Client(url, protocol) as client:
+        answers = client.predict(model, texts, pairs)
+    out.print_json(json.dumps([{"text": t, **a} for t, a in zip(texts, answers)], ensure_ascii=False))
+
+
+@command(client_app, "classify")
+def client_classify(texts: ClientTexts, model: ClientModel, url: ClientUrl = None, protocol: ClientProtocol = "http",
+                    pair: Annotated[list[str] | None, typer.Option("--pair", help="Second text per text (repeat).")] = None):
+    """Label each text (sequence-classification)."""
+    _client_predict(url, protocol, model, texts, pair or None)
+
+
+@command(client_app, "ner")
+def client_ner(texts: ClientTexts, model: ClientModel, url: ClientUrl = None, protocol: ClientProtocol = "http"):
+    """Entity spans with character offsets (token-classification)."""
+    _client_predict(url, protocol, model, texts)
+
+
+@command(client_app, "embed")
+def client_embed(texts: ClientTexts, model: ClientModel, url: ClientUrl = None, protocol: ClientProtocol = "http"):
+    """Sentence embeddings (embeddings)."""
+    _client_predict(url, protocol, model, texts)
+
+
+@command(client_app, "fill-mask")
+def client_fill_mask(texts: ClientTexts, model: ClientModel, url: ClientUrl = None, protocol: ClientProtocol = "http"):
+    """Top-k tokens for every [MASK] (fill-mask)."""
+    _client_predict(url, protocol, model, texts)
+
+
 def main() -> None:  # console-script entry point
     sys.exit(app())

@@ -55,8 +55,30 @@ def length_buckets(
     return groups[::-1]
 
 
+def physical_cores() -> int:
+    """Physical CPU cores this process may use (hyper-threads do not help GEMM-bound inference)."""
+    allowed = len(os.sched_getaffinity(0))
+    cores: set[tuple[str, str]] = set()
+    try:
+        phys = ""
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "physical id":
+                phys = value.strip()
+            elif key.strip() == "core id":
+                cores.add((phys, value.strip()))
+    except OSError:
+        pass
+    return max(1, min(allowed, len(cores) or allowed))
+
+
 def ort_session(onnx_path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
-    """An onnxruntime session set up for low latency: all graph optimisations, one thread per core."""
+    """An onnxruntime session tuned for latency: all graph optimisations, sequential execution,
+    one intra-op thread per physical core, errors-only logging.
+
+    ``providers`` defaults to the CPU provider, so a GPU build never picks CUDA by surprise;
+    pass ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` to use the GPU.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
@@ -64,16 +86,19 @@ def ort_session(onnx_path: str | Path, providers: Sequence[str] | None = None, t
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    opts.intra_op_num_threads = threads or physical_cores()
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 3  # no "nodes not assigned to preferred provider" chatter
+    providers = list(providers or ["CPUExecutionProvider"])
     available = ort.get_available_providers()
-    if providers is None:
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     unknown = [p for p in providers if p not in available]
     if unknown:
         raise BertopsError(f"onnxruntime has no {unknown[0]} here (available: {', '.join(available)})")
-    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=list(providers))
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BertopsError(f"onnxruntime cannot load {onnx_path}: {first}; re-export it with `bertops export onnx`") from None
 
 
 def read_export(export_dir: str | Path) -> tuple[Task, TaskInfo, dict]:

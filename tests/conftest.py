@@ -47,7 +47,7 @@ def tiny_checkpoint(tmp_path_factory, minilm_dir):
     made: dict = {}
 
     def make(task: str, **overrides) -> Path:
-        key = (task, tuple(sorted(overrides.items())))
+        key = (task, repr(sorted(overrides.items())))
         if key not in made:
             torch.manual_seed(0)
             model = MODEL_CLASSES[task](tiny_config(**overrides))
@@ -55,3 +55,25 @@ def tiny_checkpoint(tmp_path_factory, minilm_dir):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, minilm_dir, tiny_checkpoint):
+    """factory(task, **cfg overrides) -> export folder; "embeddings" with no overrides is real MiniLM."""
+    from bertops.export import export_onnx
+
+    made: dict = {}
+
+    def make(task: str, real: bool = False, **overrides) -> Path:
+        key = (task, real, repr(sorted(overrides.items())))
+        if key not in made:
+            source = minilm_dir if real else tiny_checkpoint(task, **overrides)
+            out = tmp_path_factory.mktemp(f"export-{task}")
+            export_onnx(source, task, out)
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}

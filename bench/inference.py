@@ -1,0 +1,221 @@
+"""In-process inference benchmark: one run, same real inputs, every path side by side.
+
+Paths (all fp32 on the CPU unless --providers says otherwise):
+  hf-eager      transformers BertModel, eager attention, + mean pooling (the baseline)
+  hf-sdpa       transformers BertModel, SDPA attention
+  ort-plain     torch.onnx export of the HF model, run in onnxruntime as exported
+  ort-optimized the same file after onnxruntime.transformers.optimizer (fused BERT ops)
+  bertops       `bertops export onnx` + `bertops.infer` (fused graph + length grouping)
+  bertops-padded  the same export with one padded run per batch (shows what grouping buys)
+
+Workloads: latency at batch 1 x 128 tokens (median of --reps runs), and throughput at batch 32 of
+real sentences of variable length (the bundled sentences, 8 batches, padded to each batch's
+longest for the padded paths). Every path starts from text, so tokenization is included.
+Ratios are against hf-eager measured in the same run. Also prints the GEMM floor: the time the
+real (unpadded) tokens' FLOPs would take at this machine's measured fp32 matmul rate.
+
+    python bench/inference.py --out bench/results/inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bertops.checkpoint import resolve_model_dir  # noqa: E402
+from bertops.data import sentences  # noqa: E402
+
+
+def median_ms(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def gemm_gflops() -> float:
+    """Measured fp32 matmul rate of this machine (GFLOP/s), torch's BLAS, 1024^3."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    ms = median_ms(lambda: torch.mm(a, b), reps=20)
+    return 2 * 1024**3 / (ms / 1e3) / 1e9
+
+
+def bert_flops(n_tokens_per_row: list[int], layers: int, hidden: int, inter: int) -> float:
+    """Matmul FLOPs of the encoder on these rows with no padding (attention scores included)."""
+    total = 0.0
+    for t in n_tokens_per_row:
+        dense = 2 * t * (4 * hidden * hidden + 2 * hidden * inter)  # QKV+out, FFN in+out
+        attn = 2 * 2 * t * t * hidden  # QK^T and PV
+        total += layers * (dense + attn)
+    return total
+
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="all-MiniLM-L6-v2")
+    ap.add_argument("--reps", type=int, default=40, help="interleaved rounds (each times every path once)")
+    ap.add_argument("--batches", type=int, default=8, help="batches of 32 real sentences")
+    ap.add_argument("--providers", default="CPUExecutionProvider")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/inference.json")
+    args = ap.parse_args()
+
+    import onnxruntime as ort
+    import transformers
+    from onnxruntime.transformers import optimizer
+
+    from bertops.export import export_onnx
+    from bertops.infer import load_predictor, ort_session
+
+    torch.set_grad_enabled(False)
+    model_dir = resolve_model_dir(args.model)
+    providers = args.providers.split(",")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    texts = sentences()
+    long_text = " ".join(texts)  # truncated to exactly 128 tokens below
+    batches = [texts[i * 32 : (i + 1) * 32] for i in range(args.batches)]
+
+    def hf_inputs(batch, max_length=512):
+        return hf_tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+    b1 = hf_inputs([long_text], max_length=128)
+    assert b1["input_ids"].shape == (1, 128)
+    lengths = [int(hf_inputs(b)["attention_mask"].sum(1).max()) for b in batches]
+    real_tokens = [hf_inputs(b)["attention_mask"].sum(1).tolist() for b in batches]
+    padded = sum(32 * L for L in lengths)
+    real = sum(sum(r) for r in real_tokens)
+
+    work = Path(tempfile.mkdtemp(prefix="bertops-bench-"))
+    paths: dict[str, tuple] = {}
+
+    def record(name, b1_fn, batch_fn):
+        paths[name] = (b1_fn, batch_fn)
+
+    def mean_pool(hidden, mask):
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+
+    for impl in ("eager", "sdpa"):
+        hf = transformers.BertModel.from_pretrained(model_dir, attn_implementation=impl).eval()
+
+        def run_hf(batch, hf=hf, max_length=512):
+            enc = hf_inputs(batch, max_length)
+            return mean_pool(hf(**enc).last_hidden_state, enc["attention_mask"])
+
+        record(f"hf-{impl}", lambda f=run_hf: f([long_text], max_length=128), run_hf)
+
+    # plain export of the HF model, and onnxruntime's optimizer on it
+    hf = transformers.BertModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    plain = work / "plain.onnx"
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    dyn = {n: {0: "batch", 1: "sequence"} for n in names}
+    class Wrapped(torch.nn.Module):  # keyword call: HF's forward takes more positional arguments
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+    torch.onnx.export(
+        Wrapped(hf).eval(), (b1["input_ids"], b1["attention_mask"], b1["token_type_ids"]), str(plain), input_names=names,
+        output_names=["last_hidden_state"], dynamic_axes={**dyn, "last_hidden_state": {0: "batch", 1: "sequence"}},
+        opset_version=17, dynamo=False,
+    )
+    cfg = hf.config
+    opt = optimizer.optimize_model(str(plain), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
+    opt.save_model_to_file(str(work / "optimized.onnx"))
+    for name, path in (("ort-plain", plain), ("ort-optimized", work / "optimized.onnx")):
+        sess = ort_session(path, providers)
+
+        def run_ort(batch, sess=sess, max_length=512):
+            enc = hf_tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+            (hidden,) = sess.run(["last_hidden_state"], {n: enc[n].astype(np.int64) for n in names})
+            m = enc["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden * m).sum(1) / m.sum(1)
+            return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+        record(name, lambda f=run_ort: f([long_text], max_length=128), run_ort)
+
+    export_dir = work / "bertops"
+    report = export_onnx(model_dir, "embeddings", export_dir)
+    for name, grouped in (("bertops", True), ("bertops-padded", False)):
+        pred = load_predictor(export_dir, providers=providers, group_by_length=grouped)
+        pred128 = load_predictor(export_dir, providers=providers, max_length=128, group_by_length=grouped)
+        record(name, lambda p=pred128: p.predict([long_text]), lambda b, p=pred: p.predict(b, batch_size=32))
+
+    # Interleaved timing: every round runs every path once, so load from other processes on a
+    # shared machine hits all paths alike; the figure per path is the median over rounds.
+    for b1_fn, batch_fn in paths.values():  # warm-up
+        b1_fn(), batch_fn(batches[0])
+    t1: dict[str, list[float]] = {n: [] for n in paths}
+    t32: dict[str, list[float]] = {n: [] for n in paths}
+    for rep in range(args.reps):
+        for name, (b1_fn, batch_fn) in paths.items():
+            t0 = time.perf_counter()
+            b1_fn()
+            t1[name].append((time.perf_counter() - t0) * 1e3)
+            batch = batches[rep % len(batches)]
+            t0 = time.perf_counter()
+            batch_fn(batch)
+            t32[name].append((time.perf_counter() - t0) * 1e3)
+    results: dict[str, dict] = {}
+    for name in paths:
+        ms1, ms32 = statistics.median(t1[name]), statistics.median(t32[name])
+        results[name] = {"b1x128_ms": round(ms1, 3), "b32_var_ms": round(ms32, 3), "b32_var_seq_per_s": round(32e3 / ms32, 1)}
+        print(f"{name:16s} b1x128 {ms1:8.2f} ms   b32 variable {ms32:8.2f} ms ({32e3 / ms32:7.1f} seq/s)", flush=True)
+
+    gflops = gemm_gflops()
+    flops_real = bert_flops([t for r in real_tokens for t in r], cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    floor_ms = flops_real / len(batches) / (gflops * 1e9) * 1e3
+    flops_b1 = bert_flops([128], cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    floor_b1 = flops_b1 / (gflops * 1e9) * 1e3
+    base = results["hf-eager"]
+    summary = {
+        name: {
+            **r,
+            "speedup_b1x128_vs_hf_eager": round(base["b1x128_ms"] / r["b1x128_ms"], 2),
+            "speedup_b32_var_vs_hf_eager": round(base["b32_var_ms"] / r["b32_var_ms"], 2),
+        }
+        for name, r in results.items()
+    }
+    out = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "providers": providers, "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "transformers": transformers.__version__},
+        "model": str(args.model),
+        "workload": {"b1": "1 x 128 tokens", "b32": f"{len(batches)} batches x 32 real sentences",
+                     "padding_share": round(1 - real / padded, 3), "rounds": args.reps, "timing": "interleaved rounds, median"},
+        "gemm_gflops_fp32": round(gflops, 1),
+        "floor_ms": {"b1x128": round(floor_b1, 3), "b32_var_real_tokens": round(floor_ms, 3)},
+        "fused": report.get("fused"),
+        "results": summary,
+    }
+    print(json.dumps(out, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,604 @@
+"""Checkpoint -> fused, parity-checked ONNX graph (``bertops export onnx``).
+
+Two exporter paths, picked by opset:
+
+* **14-17 (17 is the default): TorchScript + onnxruntime's BERT fusion.** The eager model is traced
+  with ``torch.onnx.export(..., dynamo=False)`` and ``onnxruntime.transformers.optimizer`` rewrites
+  it into one ``com.microsoft`` Attention per layer plus SkipLayerNormalization,
+  EmbedLayerNormalization and BiasGelu. These are the kernels onnxruntime (and Triton's
+  onnxruntime backend) is fastest with.
+* **23-25: torch.export (dynamo) exporter.** With the sdpa implementation it emits the standard
+  ONNX ``Attention`` op (opset 23) per layer natively; no python fusion pass is needed.
+
+Other opsets are refused: the dynamo exporter at 18-22 leaves attention unfused, and opset 26
+produced an invalid file with the toolchain this was built against.
+
+Every export must fuse exactly one attention node per layer, keep the input/output names
+``input_ids, attention_mask, token_type_ids -> <task outputs>``, and match PyTorch within
+``atol`` (1e-4 fp32) on real padded sentences; otherwise a one-line :class:`BertopsError` is raised
+and no ``model.onnx`` is left in ``out_dir`` (the graph is written under a temporary name and
+renamed only when every check passed).
+
+Gotchas handled here (they cost silent unfused or wrong graphs otherwise):
+
+* ``torch.onnx.export`` restores the *wrapper's* training flag after tracing, and a freshly built
+  ``nn.Module`` wrapper is in training mode: that switches the wrapped model into training mode
+  (dropout on) for everything that runs afterwards. The wrapper is put in eval mode and the model
+  is put back into eval mode after every export.
+* onnxruntime's attention fusion looks for the *first* ``Mul`` feeding the score ``Add`` as the
+  mask multiply. ``bertops.model.eager_attention`` scales scores with ``* scale`` (a Mul), which the
+  fuser then takes for the mask and gives up: zero Attention nodes. For export the scores are
+  divided by ``sqrt(head_size)`` instead (HF's classic BERT form, matched as a Div); same maths.
+* onnxruntime's CPU kernel for the standard ``Attention`` op does not broadcast an attention mask of
+  shape (B, 1, 1, T) over the query axis ("inconsistent q_sequence_length"), although the ONNX spec
+  allows it. For the dynamo path the additive mask is expanded to (B, 1, T, T) before sdpa.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertops.checkpoint import (
+    LABELS_FILE,
+    TOKENIZER_FILES,
+    check_checkpoint_dir,
+    copy_tokenizer_files,
+    load_model,
+)
+from bertops.config import TASK_NAMES, ModelConfig
+from bertops.data import sentences
+from bertops.errors import BertopsError
+from bertops.infer import ort_session, physical_cores  # noqa: F401  (re-exported)
+from bertops.model import ATTENTION_FUNCTIONS, BertSelfAttention
+from bertops.tokenizer import encode, load_tokenizer
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+# Task -> ONNX output names, in graph order.
+OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
+    "embeddings": ("last_hidden_state", "sentence_embedding"),
+    "sequence-classification": ("logits",),
+    "token-classification": ("logits",),
+    "fill-mask": ("logits",),
+    "pretraining": ("logits", "nsp_logits"),
+}
+# Outputs with one row per token (B, T, ...): compared on real tokens only, dynamic in `sequence`.
+PER_TOKEN_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "embeddings": ("last_hidden_state",),
+    "sequence-classification": (),
+    "token-classification": ("logits",),
+    "fill-mask": ("logits",),
+    "pretraining": ("logits",),
+}
+CLASSIFICATION_TASKS = ("sequence-classification", "token-classification")
+# Tasks whose parity check includes a batch of sentence pairs (token_type_ids 1 exercised).
+PAIR_TASKS = ("sequence-classification", "pretraining")
+
+TORCHSCRIPT_OPSETS = range(14, 18)  # TorchScript exporter + onnxruntime.transformers fusion
+DYNAMO_OPSETS = range(23, 26)  # torch.export-based exporter, standard ONNX Attention op
+DEFAULT_OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+FP32_ATOL = 1e-4
+FP16_ATOL = 2e-2
+
+# (domain, op_type) of fused nodes, by kind. "" is the default ONNX domain.
+MS = "com.microsoft"
+FUSED_KINDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "attention": ((MS, "Attention"), (MS, "MultiHeadAttention"), ("", "Attention"), ("ai.onnx", "Attention")),
+    "skip_layernorm": ((MS, "SkipLayerNormalization"), (MS, "SkipSimplifiedLayerNormalization")),
+    "embed_layernorm": ((MS, "EmbedLayerNormalization"),),
+    "gelu": ((MS, "BiasGelu"), (MS, "FastGelu"), (MS, "Gelu"), ("", "Gelu"), ("ai.onnx", "Gelu")),
+}
+
+Progress = Callable[[str], None] | None
+
+
+# --- export-time attention variants (see the module docstring) --------------------------------------
+
+
+def _fusable_eager_attention(q, k, v, bias, dropout_p: float, scale: float) -> torch.Tensor:
+    """Eager attention with the scores *divided* by sqrt(head size): onnxruntime's fuser pattern."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    return torch.matmul(torch.softmax(scores + bias, dim=-1), v)
+
+
+def _ort_sdpa_attention(q, k, v, bias, dropout_p: float, scale: float) -> torch.Tensor:
+    """sdpa with the (B, 1, 1, T) mask expanded to (B, 1, T, T): onnxruntime's CPU Attention kernel
+    does not broadcast the query axis of the mask."""
+    mask = bias.to(q.dtype).expand(-1, -1, q.size(2), -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@contextlib.contextmanager
+def _attention(model: nn.Module, fn: Callable) -> Iterator[None]:
+    """Swap every layer's attention function for the duration of the block."""
+    layers = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
+    saved = [m.attend for m in layers]
+    for m in layers:
+        m.attend = fn
+    try:
+        yield
+    finally:
+        for m, f in zip(layers, saved):
+            m.attend = f
+
+
+class _Named(nn.Module):
+    """Tensor-positional wrapper: the exporters get a plain tuple in ONNX output order."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids, attention_mask, token_type_ids)
+        return tuple(out[n] for n in self.names)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence exporter / fuser noise (deprecation notices, tracer warnings, INFO fusion logs)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _say(progress: Progress, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+# --- checks -----------------------------------------------------------------------------------------
+
+
+def check_opset(opset: int) -> str:
+    """-> "torchscript" or "dynamo"; a BertopsError naming the supported ranges otherwise."""
+    if opset in TORCHSCRIPT_OPSETS:
+        return "torchscript"
+    if opset in DYNAMO_OPSETS:
+        return "dynamo"
+    ranges = f"use {DEFAULT_OPSET} (default; 14-17 work) or 23-25"
+    if opset < TORCHSCRIPT_OPSETS.start:
+        raise BertopsError(f"opset {opset} is too old for fused attention; {ranges}")
+    if opset < DYNAMO_OPSETS.start:
+        raise BertopsError(f"opset {opset} exports without fused attention (onnxruntime does not fuse it); {ranges}")
+    raise BertopsError(f"opset {opset} is newer than this toolchain exports correctly; {ranges}")
+
+
+def node_counts(model) -> dict[str, int]:
+    """Node-type counts: plain op names for the default ONNX domain, ``domain.Op`` for others."""
+    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
+    return dict(sorted(counts.items()))
+
+
+def fused_counts(model) -> dict[str, int]:
+    pairs = Counter((n.domain, n.op_type) for n in model.graph.node)
+    return {kind: sum(pairs[p] for p in ops) for kind, ops in FUSED_KINDS.items()}
+
+
+def io_signature(model) -> dict[str, list[dict[str, Any]]]:
+    """Graph inputs/outputs as {name, dtype, shape}; symbolic dims by name (batch, sequence)."""
+    import onnx
+
+    def describe(values) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+            shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": dtype, "shape": shape})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def _check_structure(model, task: str, cfg: ModelConfig, path: str, where: str) -> dict[str, int]:
+    """Names exactly as promised, int64 inputs, and one fused attention node per layer."""
+    got_in = [v.name for v in model.graph.input]
+    got_out = [v.name for v in model.graph.output]
+    if got_in != list(INPUT_NAMES) or got_out != list(OUTPUT_NAMES[task]):
+        raise BertopsError(
+            f"the {where} graph has inputs {got_in} and outputs {got_out}, expected {list(INPUT_NAMES)} -> "
+            f"{list(OUTPUT_NAMES[task])}; this is an exporter bug, retry with --opset {DEFAULT_OPSET}"
+        )
+    fused = fused_counts(model)
+    if fused["attention"] != cfg.num_hidden_layers:
+        raise BertopsError(
+            f"the {path} export has {fused['attention']} fused attention nodes for {cfg.num_hidden_layers} layers "
+            f"({where} graph); onnxruntime would run unfused attention, so it is refused; use --opset "
+            f"{DEFAULT_OPSET} (TorchScript + onnxruntime fusion) or 23-25"
+        )
+    return fused
+
+
+# --- export paths -----------------------------------------------------------------------------------
+
+
+def _dynamic_axes(task: str) -> dict[str, dict[int, str]]:
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    for name in OUTPUT_NAMES[task]:
+        axes[name] = {0: "batch", 1: "sequence"} if name in PER_TOKEN_OUTPUTS[task] else {0: "batch"}
+    return axes
+
+
+def _example(tok, max_seq_len: int) -> tuple[torch.Tensor, ...]:
+    """Two real, differently long sentences: batch and sequence are >1 so neither gets specialised."""
+    arrays = encode(tok, sentences(2), max_length=max_seq_len).arrays()
+    return tuple(torch.from_numpy(arrays[n]) for n in INPUT_NAMES)
+
+
+def _export_torchscript(model, cfg, task, tok, opset, max_seq_len, raw_path: Path, out_path: Path):
+    """Trace (eager, Div-scaled scores) -> ONNX -> onnxruntime BERT fusion. Returns the fused OnnxModel."""
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    wrapper = _Named(model, OUTPUT_NAMES[task]).eval()
+    try:
+        with _quiet(), _attention(model, _fusable_eager_attention), torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                _example(tok, max_seq_len),
+                str(raw_path),
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES[task]),
+                dynamic_axes=_dynamic_axes(task),
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        model.eval()
+    options = FusionOptions("bert")
+    # The raw 0/1 mask (int32) goes into each Attention node. The default for "bert", MaskIndexEnd,
+    # turns the mask into one length per row and is only right for right-padded input; the raw mask
+    # is exact for any padding (right, left, holes) and measured no slower on CPU.
+    options.attention_mask_format = AttentionMaskFormat.AttentionMask
+    with _quiet():
+        fused = optimize_model(
+            str(raw_path),
+            model_type="bert",
+            num_heads=cfg.num_attention_heads,
+            hidden_size=cfg.hidden_size,
+            optimization_options=options,
+        )
+        fused.save_model_to_file(str(out_path))
+    return fused
+
+
+def _export_dynamo(model, cfg, task, tok, opset, max_seq_len, out_path: Path):
+    """torch.export -> ONNX with the standard Attention op. Returns an OnnxModel around the file."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapper = _Named(model, OUTPUT_NAMES[task]).eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    seq = torch.export.Dim("sequence", min=1, max=cfg.max_position_embeddings)
+    try:
+        with _quiet(), _attention(model, _ort_sdpa_attention), torch.no_grad():
+            program = torch.onnx.export(
+                wrapper,
+                _example(tok, max_seq_len),
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES[task]),
+                dynamic_shapes={name: {0: batch, 1: seq} for name in INPUT_NAMES},
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
+            program.save(str(out_path))
+    except BertopsError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BertopsError(
+            f"the dynamo exporter failed at opset {opset} ({first[:200]}); use --opset {DEFAULT_OPSET}"
+        ) from None
+    finally:
+        model.eval()
+    return OnnxModel(onnx.load(str(out_path)))
+
+
+# --- parity and latency -----------------------------------------------------------------------------
+
+
+def parity_batches(tok, task: str, max_seq_len: int) -> list[dict[str, np.ndarray]]:
+    """3 right-padded batches of 16 real sentences of mixed length; the last is sentence pairs for
+    classification-style tasks (sequence-classification, pretraining/NSP)."""
+    texts = sentences(64)
+    batches = [encode(tok, texts[0:16], max_length=max_seq_len), encode(tok, texts[16:32], max_length=max_seq_len)]
+    if task in PAIR_TASKS:
+        batches.append(encode(tok, texts[32:48], pairs=texts[48:64], max_length=max_seq_len))
+    else:
+        batches.append(encode(tok, texts[32:48], max_length=max_seq_len))
+    return [b.arrays() for b in batches]
+
+
+def _torch_outputs(model, task, batch) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+    return {n: out[n].float().numpy() for n in OUTPUT_NAMES[task]}
+
+
+def compare(model, session, task: str, batches: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """Max abs difference per output. Per-token outputs: ``max_abs`` over real tokens (the gated
+    figure) and ``max_abs_all_positions`` including padding.
+
+    Padded positions are never consumed (mean pooling masks them, token-level post-processing drops
+    them), and fused attention kernels legitimately compute them differently (the hidden states of
+    padded *query* rows are garbage-in either way and accumulate in another order), so only real
+    tokens are gated. Measured on all-MiniLM-L6-v2: ~3e-6 on real tokens, up to ~1e-4 at padding.
+    """
+    result: dict[str, dict[str, float]] = {n: {"max_abs": 0.0} for n in OUTPUT_NAMES[task]}
+    for batch in batches:
+        ref = _torch_outputs(model, task, batch)
+        got = dict(zip(OUTPUT_NAMES[task], session.run(list(OUTPUT_NAMES[task]), batch)))
+        real = batch["attention_mask"].astype(bool)
+        for name in OUTPUT_NAMES[task]:
+            diff = np.abs(got[name].astype(np.float32) - ref[name])
+            if not np.isfinite(diff).all():
+                diff = np.where(np.isfinite(diff), diff, np.inf)
+            if name in PER_TOKEN_OUTPUTS[task]:
+                r = result[name]
+                r["max_abs"] = max(r["max_abs"], float(diff[real].max()))
+                r["max_abs_all_positions"] = max(r.get("max_abs_all_positions", 0.0), float(diff.max()))
+            else:
+                result[name]["max_abs"] = max(result[name]["max_abs"], float(diff.max()))
+    return result
+
+
+def _gate(figures: dict[str, dict[str, float]], atol: float, what: str) -> None:
+    worst = max(figures, key=lambda n: figures[n]["max_abs"])
+    if not figures[worst]["max_abs"] <= atol:  # also catches NaN
+        raise BertopsError(
+            f"{what} parity failed: {worst} differs from PyTorch by {figures[worst]['max_abs']:.3g} (max abs, real "
+            f"tokens) > {atol:g}; nothing was written; retry with --opset {DEFAULT_OPSET} --precision fp32"
+        )
+
+
+def _median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(times), 3)
+
+
+def latency_inputs(tok, max_seq_len: int) -> dict[str, dict[str, np.ndarray]]:
+    """``b1xT``: one row of real text exactly T=max_seq_len tokens long (no padding);
+    ``b8``: 8 real sentences, right-padded to the longest."""
+    long_text = " ".join(sentences(40))
+    one = encode(tok, [long_text], max_length=max_seq_len, pad_to=max_seq_len).arrays()
+    eight = encode(tok, sentences(72)[64:72], max_length=max_seq_len).arrays()
+    return {f"b1x{max_seq_len}": one, "b8": eight}
+
+
+def measure_latency(model, session, task: str, tok, max_seq_len: int, runs: int = 5) -> dict[str, Any]:
+    """Median ms of PyTorch eager / sdpa (fp32) vs onnxruntime on this machine. A few seconds."""
+    out: dict[str, Any] = {"runs": runs, "torch_threads": torch.get_num_threads()}
+    for label, batch in latency_inputs(tok, max_seq_len).items():
+        tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+        row: dict[str, Any] = {"shape": list(batch["input_ids"].shape)}
+        for impl in ("eager", "sdpa"):
+            with _attention(model, ATTENTION_FUNCTIONS[impl]), torch.inference_mode():
+                row[f"torch_{impl}_ms"] = _median_ms(lambda: model(**tensors), runs)
+        row["onnxruntime_ms"] = _median_ms(lambda: session.run(None, batch), runs, warmup=2)
+        row["speedup_vs_torch_eager"] = round(row["torch_eager_ms"] / row["onnxruntime_ms"], 2)
+        out[label] = row
+    return out
+
+
+# --- fp16 -------------------------------------------------------------------------------------------
+
+
+def _to_fp16(onnx_model, path: Path, symbolic_shapes: bool) -> None:
+    """Weights and activations fp16; inputs/outputs keep their types (int64 in, fp32 out).
+
+    The fused graph (com.microsoft ops) needs onnxruntime's symbolic shape inference for the type
+    information; the dynamo graph needs ONNX's own (the symbolic one does not know the opset-23
+    Attention op and would print "failed in shape inference").
+    """
+    with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+        onnx_model.convert_float_to_float16(keep_io_types=True, use_symbolic_shape_infer=symbolic_shapes)
+        onnx_model.save_model_to_file(str(path))
+
+
+# --- the library entry point ------------------------------------------------------------------------
+
+
+def export_onnx(
+    model_dir: str | Path,
+    task: str,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    max_seq_len: int = 128,
+    progress: Progress = None,
+    *,
+    atol: float = FP32_ATOL,
+    fp16_atol: float = FP16_ATOL,
+) -> dict[str, Any]:
+    """Export the checkpoint in ``model_dir`` as ``task`` to ``out_dir``; return the report.
+
+    ``out_dir`` receives model.onnx, the tokenizer files, config.json, labels.json (classification
+    tasks) and export_report.json, only once every check passed. ``progress`` gets step messages.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    if task not in TASK_NAMES:
+        raise BertopsError(f"unknown task {task!r}; use one of {', '.join(TASK_NAMES)}")
+    if precision not in PRECISIONS:
+        raise BertopsError(f"precision {precision!r} is unknown; use fp32 or fp16")
+    path = check_opset(int(opset))
+    model_dir = check_checkpoint_dir(model_dir)
+    out_dir = Path(out_dir)
+
+    started = time.perf_counter()
+    _say(progress, f"loading {model_dir} as {task}")
+    impl = "eager" if path == "torchscript" else "sdpa"
+    model, cfg = load_model(model_dir, task, attn_implementation=impl)
+    if not 8 <= max_seq_len <= cfg.max_position_embeddings:
+        raise BertopsError(
+            f"max_seq_len={max_seq_len} is out of range for this model; use 8..{cfg.max_position_embeddings}"
+        )
+    tok = load_tokenizer(model_dir)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f".model.onnx.partial-{os.getpid()}"
+    with tempfile.TemporaryDirectory(prefix="bertops-export-") as tmp:
+        tmp = Path(tmp)
+        try:
+            fp32_path = tmp / "model.fp32.onnx"
+            if path == "torchscript":
+                _say(progress, f"exporting with the TorchScript exporter (opset {opset})")
+                raw_path = tmp / "raw.onnx"
+                om = _export_torchscript(model, cfg, task, tok, opset, max_seq_len, raw_path, fp32_path)
+                raw_nodes = len(onnx.load(str(raw_path), load_external_data=False).graph.node)
+                exporter = f"torch.onnx.export(dynamo=False) + onnxruntime.transformers.optimizer (opset {opset})"
+            else:
+                _say(progress, f"exporting with the dynamo exporter (opset {opset}, standard Attention op)")
+                om = _export_dynamo(model, cfg, task, tok, opset, max_seq_len, fp32_path)
+                raw_nodes = len(om.model.graph.node)
+                exporter = f"torch.onnx.export(dynamo=True) with sdpa (opset {opset})"
+
+            _say(progress, "checking the graph")
+            fp32_model = onnx.load(str(fp32_path))
+            onnx.checker.check_model(fp32_model, full_check=True)
+            fused = _check_structure(fp32_model, task, cfg, path, "fp32")
+            counts = node_counts(fp32_model)
+
+            batches = parity_batches(tok, task, max_seq_len)
+            n_seq = sum(len(b["input_ids"]) for b in batches)
+            _say(progress, f"parity: PyTorch vs onnxruntime CPU on {n_seq} real sentences")
+            session = ort_session(fp32_path)
+            figures = compare(model, session, task, batches)
+            _gate(figures, atol, "fp32")
+
+            parity: dict[str, Any] = {
+                "atol": atol,
+                "sequences": n_seq,
+                "batches": [list(b["input_ids"].shape) for b in batches],
+                "pairs": task in PAIR_TASKS,
+                "reference": f"bertops PyTorch model ({impl} attention, fp32, eval)",
+                "compared_on": "real tokens for per-token outputs (max_abs); padded positions in max_abs_all_positions",
+                "outputs": figures,
+            }
+
+            final_model = fp32_model
+            if precision == "fp16":
+                _say(progress, "converting to fp16")
+                _to_fp16(om, partial, symbolic_shapes=path == "torchscript")
+                final_model = onnx.load(str(partial))
+                onnx.checker.check_model(final_model, full_check=True)
+                _check_structure(final_model, task, cfg, path, "fp16")
+                if any(v["dtype"] != "float32" for v in io_signature(final_model)["outputs"]):
+                    raise BertopsError("the fp16 graph's outputs are not float32; this is a bug, export fp32 instead")
+                fp16_counts = node_counts(final_model)
+                # Structural smoke test: onnxruntime's CPU provider loads the fp16 graph (type-checking
+                # every node) and runs one batch. Its numbers are informational only: CPU fp16 kernels
+                # are not what the fp16 graph is for, so the 2e-2 gate needs CUDA.
+                cpu16 = compare(model, ort_session(partial), task, batches[:1])
+                if not all(np.isfinite(v["max_abs"]) for v in cpu16.values()):
+                    raise BertopsError(
+                        "the fp16 graph gives non-finite outputs on onnxruntime CPU; export fp32 instead"
+                    )
+                parity["fp16_cpu_smoke"] = {"ran": True, "sequences": len(batches[0]["input_ids"]), "outputs": cpu16}
+                if "CUDAExecutionProvider" in ort.get_available_providers():
+                    _say(progress, "fp16 parity on the CUDA execution provider")
+                    cuda = ort_session(partial, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+                    fp16_figures = compare(model, cuda, task, batches)
+                    _gate(fp16_figures, fp16_atol, "fp16 (CUDA)")
+                    parity["fp16_parity"] = {
+                        "atol": fp16_atol,
+                        "provider": "CUDAExecutionProvider",
+                        "outputs": fp16_figures,
+                    }
+                else:
+                    parity["fp16_parity"] = "not run: no CUDA execution provider"
+            else:
+                shutil.copyfile(fp32_path, partial)
+
+            _say(progress, "measuring latency (PyTorch eager / sdpa vs onnxruntime)")
+            # fp16 graphs are for CUDA; on the CPU the fp32 graph is what gets served, so it is timed.
+            latency = measure_latency(model, session, task, tok, max_seq_len)
+            latency["onnxruntime_graph"] = "fp32"
+            latency["onnxruntime_threads"] = physical_cores()
+            latency["device"] = "cpu"
+
+            report: dict[str, Any] = {
+                "task": task,
+                "model_dir": str(model_dir),
+                "opset": opset,
+                "precision": precision,
+                "exporter": exporter,
+                "exporter_path": path,
+                "attention_mask_format": (
+                    "raw 0/1 mask (any padding)" if path == "torchscript" else "additive, (B,1,T,T)"
+                ),
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_attention_heads": cfg.num_attention_heads,
+                "hidden_size": cfg.hidden_size,
+                "raw_node_count": raw_nodes,
+                "node_counts": node_counts(final_model) if precision == "fp16" else counts,
+                "fp32_node_counts": counts,
+                "fused": fused,
+                "io": io_signature(final_model),
+                "parity": parity,
+                "latency": latency,
+                "versions": {
+                    "torch": torch.__version__,
+                    "onnx": onnx.__version__,
+                    "onnxruntime": ort.__version__,
+                },
+                "model_bytes": partial.stat().st_size,
+            }
+            if path == "dynamo":
+                import onnxscript
+
+                report["versions"]["onnxscript"] = onnxscript.__version__
+            if precision == "fp16":
+                report["fp16_node_counts"] = fp16_counts
+
+            _say(progress, f"writing {out_dir}")
+            copy_tokenizer_files(model_dir, out_dir)
+            shutil.copyfile(model_dir / "config.json", out_dir / "config.json")
+            if task in CLASSIFICATION_TASKS:
+                (out_dir / LABELS_FILE).write_text(json.dumps(cfg.labels(), indent=2) + "\n", encoding="utf-8")
+            report["seconds"] = round(time.perf_counter() - started, 2)
+            report["files"] = sorted(
+                ["model.onnx", "config.json", "export_report.json"]
+                + [n for n in TOKENIZER_FILES if (out_dir / n).is_file()]
+                + ([LABELS_FILE] if task in CLASSIFICATION_TASKS else [])
+            )
+            (out_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            os.replace(partial, out_dir / "model.onnx")  # last: model.onnx exists only after every check
+        finally:
+            partial.unlink(missing_ok=True)
+    return report
