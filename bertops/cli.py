@@ -242,6 +242,18 @@ def predict_cmd(
     out.print(f"wrote {n} answers to {output_file}")
 
 
+@command(app, "demo")
+def demo_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the export and answers.")] = Path("runs/demo"),
+    repo: Annotated[Path, typer.Option(help="Triton model repository to build.")] = Path("triton_models"),
+    serve: Annotated[bool, typer.Option(help="Start tritonserver and query it over HTTP and gRPC.")] = True,
+):
+    """End to end on the bundled all-MiniLM-L6-v2: export -> predict -> Triton repo -> live server -> queries."""
+    from bertops.demo import run_demo
+
+    run_demo(out_dir, repo, say=lambda msg: out.print(msg, highlight=False, soft_wrap=True), serve=serve)
+
+
 # --- triton / serve / client ----------------------------------------------------------------------
 
 triton_app = typer.Typer(help="Build and check Triton model repositories.", no_args_is_help=True)
