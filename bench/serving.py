@@ -87,7 +87,7 @@ def perf_sweep(pa: Path, env: dict, url: str, model: str, texts: list[str], conc
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="embeddings,sequence-classification,token-classification,fill-mask")
-    ap.add_argument("--concurrency", default="1,4,16,32")
+    ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serving.json")
     args = ap.parse_args()
     tasks = args.tasks.split(",")

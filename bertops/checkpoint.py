@@ -17,9 +17,8 @@ from torch import nn
 from bertops.config import TASK_NAMES, ModelConfig
 from bertops.errors import BertopsError
 from bertops.model import MODEL_CLASSES
+from bertops.tokenizer import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-LABELS_FILE = "labels.json"
 # Parameters that share storage with another one; HF leaves them out of the file too.
 TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 # Buffers some HF versions wrote into checkpoints; they are recomputed, never loaded.

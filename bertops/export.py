@@ -57,19 +57,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertops.checkpoint import (
-    LABELS_FILE,
-    TOKENIZER_FILES,
-    check_checkpoint_dir,
-    copy_tokenizer_files,
-    load_model,
-)
+from bertops.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model
 from bertops.config import TASK_NAMES, ModelConfig
 from bertops.data import sentences
 from bertops.errors import BertopsError
-from bertops.infer import ort_session, physical_cores  # noqa: F401  (re-exported)
+from bertops.infer import ort_session, physical_cores
+from bertops.tasks import LABELS_FILE
 from bertops.model import ATTENTION_FUNCTIONS, BertSelfAttention
-from bertops.tokenizer import encode, load_tokenizer
+from bertops.tokenizer import TOKENIZER_FILES, encode, load_tokenizer
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # Task -> ONNX output names, in graph order.

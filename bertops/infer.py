@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from bertops.errors import BertopsError
-from bertops.tasks import Task, TaskInfo, get_task
+from bertops.tasks import LABELS_FILE, Task, TaskInfo, get_task
 from bertops.tokenizer import Batch, encode, load_tokenizer
 
-# Cost of one extra onnxruntime call, in padded-token equivalents: measured on a 2-core CPU with
-# MiniLM (bench/inference.py). It stops the grouping from splitting into many tiny runs.
-CALL_OVERHEAD_TOKENS = 96
+# Cost of one extra onnxruntime call, in padded-token equivalents. On a 2-core CPU with MiniLM and
+# batches of 32 real sentences, 8..48 all gave the best time (about 1.2x better than 0, which splits
+# into many tiny runs, and than 256+, which pads more); 32 sits in the middle of that plateau.
+CALL_OVERHEAD_TOKENS = 32
 
 
 def length_buckets(
@@ -101,8 +102,19 @@ def ort_session(onnx_path: str | Path, providers: Sequence[str] | None = None, t
         raise BertopsError(f"onnxruntime cannot load {onnx_path}: {first}; re-export it with `bertops export onnx`") from None
 
 
+def task_info(folder: str | Path, labels: Sequence[str] = ()) -> TaskInfo:
+    """Post-processing info from a folder's tokenizer files: id -> token table and the [MASK] id."""
+    tok = load_tokenizer(folder)
+    vocab = tok.get_vocab()
+    id_to_token = [""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        id_to_token[i] = token
+    mask_id = tok.token_to_id("[MASK]")
+    return TaskInfo(labels=tuple(labels), vocab=tuple(id_to_token), mask_token_id=-1 if mask_id is None else mask_id)
+
+
 def read_export(export_dir: str | Path) -> tuple[Task, TaskInfo, dict]:
-    """An export folder's task, post-processing info (labels, vocab) and report."""
+    """An export folder's task, post-processing info (labels, vocab) and report, checked."""
     folder = Path(export_dir)
     if not (folder / "model.onnx").is_file():
         raise BertopsError(f"{folder} has no model.onnx; create it with `bertops export onnx --out {folder}`")
@@ -110,18 +122,13 @@ def read_export(export_dir: str | Path) -> tuple[Task, TaskInfo, dict]:
     if not report_file.is_file():
         raise BertopsError(f"{folder} has no export_report.json; re-run `bertops export onnx`")
     report = json.loads(report_file.read_text(encoding="utf-8"))
-    task = get_task(report["task"])
+    task = get_task(report.get("task", ""))
     labels: tuple[str, ...] = ()
-    if (folder / "labels.json").is_file():
-        labels = tuple(json.loads((folder / "labels.json").read_text(encoding="utf-8")))
-    tok = load_tokenizer(folder)
-    vocab = tok.get_vocab()
-    id_to_token = [""] * (max(vocab.values()) + 1)
-    for token, i in vocab.items():
-        id_to_token[i] = token
-    mask_id = tok.token_to_id("[MASK]")
-    info = TaskInfo(labels=labels, vocab=tuple(id_to_token), mask_token_id=-1 if mask_id is None else mask_id)
-    return task, info, report
+    if (folder / LABELS_FILE).is_file():
+        labels = tuple(json.loads((folder / LABELS_FILE).read_text(encoding="utf-8")))
+    if task.needs_labels and not labels:
+        raise BertopsError(f"{folder} has no {LABELS_FILE}, which a {task.name} model needs; re-export it")
+    return task, task_info(folder, labels), report
 
 
 @dataclass

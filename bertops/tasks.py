@@ -52,6 +52,8 @@ class Task:
         return MODEL_CLASSES[self.name](cfg)
 
 
+LABELS_FILE = "labels.json"  # label names in index order, next to an export's model.onnx
+
 TASKS: dict[str, Task] = {}
 
 

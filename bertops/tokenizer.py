@@ -20,6 +20,8 @@ from tokenizers.implementations import BertWordPieceTokenizer
 from bertops.errors import BertopsError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# The files a checkpoint / export / Triton model folder carries for its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _bert_template(tok: Tokenizer) -> None:

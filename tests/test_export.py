@@ -22,7 +22,8 @@ from bertops.checkpoint import save_model  # noqa: E402
 from bertops.config import TASK_NAMES, ModelConfig  # noqa: E402
 from bertops.data import sentences  # noqa: E402
 from bertops.errors import BertopsError  # noqa: E402
-from bertops.export import INPUT_NAMES, OUTPUT_NAMES, export_onnx, fused_counts, ort_session  # noqa: E402
+from bertops.export import INPUT_NAMES, OUTPUT_NAMES, export_onnx, fused_counts  # noqa: E402
+from bertops.infer import ort_session  # noqa: E402
 from bertops.model import MODEL_CLASSES  # noqa: E402
 from bertops.tokenizer import encode, load_tokenizer  # noqa: E402
 

@@ -59,13 +59,12 @@ import numpy as np
 
 from bertops import __version__
 from bertops.errors import BertopsError
-from bertops.tasks import Task, TaskInfo, get_task
-from bertops.tokenizer import Batch, encode, load_tokenizer
+from bertops.infer import read_export, task_info
+from bertops.tasks import LABELS_FILE, Task, TaskInfo, get_task
+from bertops.tokenizer import TOKENIZER_FILES, Batch, encode, load_tokenizer
 
 FLAVORS = ("cpu", "gpu")
 META_FILE = "bertops_model.json"
-LABELS_FILE = "labels.json"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 TEMPLATES = Path(__file__).parent / "templates"
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TOKEN_LEVEL_INPUTS = ("OFFSETS", "WORD_IDS")
@@ -200,17 +199,6 @@ def tensors_to_batch(parts: Sequence[dict[str, np.ndarray]]) -> Batch:
     )
 
 
-def task_info_from_folder(folder: str | Path, labels: Sequence[str] = ()) -> TaskInfo:
-    """The :class:`TaskInfo` of a folder with tokenizer files, built as ``bertops.infer.read_export`` does."""
-    tok = load_tokenizer(folder)
-    vocab = tok.get_vocab()
-    id_to_token = [""] * (max(vocab.values()) + 1)
-    for token, i in vocab.items():
-        id_to_token[i] = token
-    mask_id = tok.token_to_id("[MASK]")
-    return TaskInfo(labels=tuple(labels), vocab=tuple(id_to_token), mask_token_id=-1 if mask_id is None else mask_id)
-
-
 def load_model_meta(folder: str | Path) -> dict[str, Any]:
     """A generated python model's ``bertops_model.json`` (task, limits, wiring)."""
     path = Path(folder) / META_FILE
@@ -225,7 +213,7 @@ def load_postprocess(folder: str | Path) -> tuple[Task, TaskInfo, dict[str, Any]
     labels: tuple[str, ...] = ()
     if (Path(folder) / LABELS_FILE).is_file():
         labels = tuple(json.loads((Path(folder) / LABELS_FILE).read_text(encoding="utf-8")))
-    return get_task(meta["task"]), task_info_from_folder(folder, labels), meta
+    return get_task(meta["task"]), task_info(folder, labels), meta
 
 
 def result_tensors(task_name: str, answers: Sequence[dict], labels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -360,25 +348,12 @@ def _copy_onnx(export_dir: Path, version_dir: Path) -> None:
 
 
 def _read_export_meta(export_dir: Path) -> tuple[Task, dict, list[str], int]:
-    if not (export_dir / "model.onnx").is_file():
-        raise BertopsError(f"{export_dir} has no model.onnx; create it with `bertops export onnx --out {export_dir}`")
-    report_file = export_dir / "export_report.json"
-    if not report_file.is_file():
-        raise BertopsError(f"{export_dir} has no export_report.json; re-run `bertops export onnx`")
-    report = json.loads(report_file.read_text(encoding="utf-8"))
-    task = get_task(report.get("task", ""))
-    labels: list[str] = []
-    if (export_dir / LABELS_FILE).is_file():
-        labels = list(json.loads((export_dir / LABELS_FILE).read_text(encoding="utf-8")))
-    if task.needs_labels and not labels:
-        raise BertopsError(f"{export_dir} has no {LABELS_FILE}, which a {task.name} model needs; re-export it")
+    task, info, report = read_export(export_dir)
     max_positions = DEFAULT_MAX_LENGTH
     if (export_dir / "config.json").is_file():
         raw = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
         max_positions = int(raw.get("max_position_embeddings", DEFAULT_MAX_LENGTH))
-    if not any((export_dir / n).is_file() for n in TOKENIZER_FILES[:2]):
-        raise BertopsError(f"{export_dir} has no tokenizer.json or vocab.txt; re-export it with `bertops export onnx`")
-    return task, report, labels, max_positions
+    return task, report, list(info.labels), max_positions
 
 
 def build_repository(
