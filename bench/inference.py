@@ -51,6 +51,17 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def cpu_name() -> str:
+    """CPU model and its wide-vector features, from /proc/cpuinfo."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = sorted({f for f in info.split() if f.startswith(("avx512f", "avx512_bf16", "amx"))})
+    return f"{name} ({', '.join(flags)})" if flags else name
+
+
 def gemm_gflops() -> float:
     """Best measured fp32 matmul rate of this machine (GFLOP/s): torch's BLAS and onnxruntime's
     MLAS on a 1024^3 product, whichever is faster."""
@@ -227,7 +238,7 @@ def main() -> None:
         for name, r in results.items()
     }
     out = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                     "providers": providers, "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "transformers": transformers.__version__},
         "model": str(args.model),

@@ -62,13 +62,14 @@ def in_process_throughput(export_dir: Path, texts: list[str], seconds: float = 8
     return done / (time.perf_counter() - t0)
 
 
-def perf_sweep(pa: Path, env: dict, url: str, model: str, texts: list[str], concurrency: list[int], work: Path) -> list[dict]:
+def perf_sweep(pa: Path, env: dict, url: str, model: str, texts: list[str], concurrency: list[int], work: Path,
+               per_request: int = 1) -> list[dict]:
     data = work / f"{model}-input.json"
     data.write_text(json.dumps({"data": [{"TEXT": {"content": [t], "shape": [1]}} for t in texts]}))
     rows = []
     for c in concurrency:
-        csv_file = work / f"{model}-c{c}.csv"
-        cmd = [str(pa), "-m", model, "-u", url, "-i", "grpc", "-b", "1", "--input-data", str(data),
+        csv_file = work / f"{model}-c{c}-b{per_request}.csv"
+        cmd = [str(pa), "-m", model, "-u", url, "-i", "grpc", "-b", str(per_request), "--input-data", str(data),
                "--concurrency-range", f"{c}:{c}", "--measurement-interval", "4000", "--stability-percentage", "25",
                "--max-trials", "6", "-f", str(csv_file), "--percentile", "50"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -77,9 +78,9 @@ def perf_sweep(pa: Path, env: dict, url: str, model: str, texts: list[str], conc
             raise SystemExit(f"perf_analyzer failed for {model} at concurrency {c}")
         rec = next(csv.DictReader(csv_file.open()))
         p99 = float(rec.get("p99 latency", 0)) / 1e3
-        row = {"concurrency": c, "infer_per_s": float(rec["Inferences/Second"]),
+        row = {"concurrency": c, "texts_per_request": per_request, "infer_per_s": float(rec["Inferences/Second"]),
                "p50_ms": float(rec.get("p50 latency", 0)) / 1e3, "p99_ms": p99}
-        print(f"  {model:28s} c={c:3d} {row['infer_per_s']:8.1f}/s  p50 {row['p50_ms']:7.2f} ms  p99 {p99:7.2f} ms", flush=True)
+        print(f"  {model:28s} c={c:3d} b={per_request:2d} {row['infer_per_s']:8.1f} texts/s  p50 {row['p50_ms']:7.2f} ms  p99 {p99:7.2f} ms", flush=True)
         rows.append(row)
     return rows
 
@@ -88,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="embeddings,sequence-classification,token-classification,fill-mask")
     ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--texts-per-request", default="1", help="comma list; perf_analyzer -b (texts in one request)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serving.json")
     args = ap.parse_args()
     tasks = args.tasks.split(",")
@@ -104,16 +106,19 @@ def main() -> None:
     with TritonServer(repo) as server:
         for t in tasks:
             print(f"{t}:", flush=True)
-            sweep = perf_sweep(pa, env, server.grpc_url, names[t], texts, concurrency, work)
+            sweep = [row for b in args.texts_per_request.split(",")
+                     for row in perf_sweep(pa, env, server.grpc_url, names[t], texts, concurrency, work, int(b))]
             results[t] = {"served": sweep}
     for t in tasks:  # in-process after the server is gone, so neither competes for the 2 cores
         local = in_process_throughput(exports[t], texts)
         best = max(results[t]["served"], key=lambda r: r["infer_per_s"])
         results[t].update(in_process_per_s=round(local, 1), best_concurrency=best["concurrency"],
                           served_over_in_process=round(best["infer_per_s"] / local, 2))
+        results[t]["best_texts_per_request"] = best["texts_per_request"]
         print(f"{t}: in-process {local:.1f}/s, best served {best['infer_per_s']:.1f}/s at c={best['concurrency']} "
+              f"b={best['texts_per_request']} "
               f"-> {best['infer_per_s'] / local:.2f}x", flush=True)
-    out = {"machine": {"cpus": len(os.sched_getaffinity(0))}, "texts": "bundled real sentences, one per request",
+    out = {"machine": {"cpus": len(os.sched_getaffinity(0))}, "texts": "bundled real sentences (256, mixed lengths), cycled",
            "protocol": "grpc", "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
