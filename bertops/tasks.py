@@ -1,18 +1,16 @@
 """Tasks as small records of plain functions, looked up by name.
 
-A task says which model head it uses, which named outputs its exported graph exposes, and how
-those outputs become answers (``postprocess``). Adding a task means calling :func:`register_task`
+A task names its model head (``bertops.model.MODEL_CLASSES[name]``), the named outputs its
+exported graph exposes, and how those outputs become answers (``postprocess``). Adding a task means calling :func:`register_task`
 with a new :class:`Task` built from functions; nothing is subclassed.
 
-This module stays free of torch so the Triton python backend can import it cheaply; the model
-class is looked up only when ``build`` is called.
+This module stays free of torch so the Triton python backend can import it cheaply.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,13 +41,6 @@ class Task:
     pairs: bool = False  # accepts a second text per example
     token_level: bool = False  # answers refer to tokens / character spans
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def build(self, cfg):
-        """A freshly initialised torch model for this task (imports torch on first use)."""
-        from bertops.model import MODEL_CLASSES
-
-        return MODEL_CLASSES[self.name](cfg)
 
 
 LABELS_FILE = "labels.json"  # label names in index order, next to an export's model.onnx
