@@ -89,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="embeddings,sequence-classification,token-classification,fill-mask")
     ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--queue-delay-us", type=int, default=200, help="dynamic batcher max queue delay")
     ap.add_argument("--texts-per-request", default="1", help="comma list; perf_analyzer -b (texts in one request)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serving.json")
     args = ap.parse_args()
@@ -100,7 +101,8 @@ def main() -> None:
     exports = {t: make_export(t, work) for t in tasks}
     names = {t: t.replace("-", "_") for t in tasks}
     for t in tasks:
-        build_repository(exports[t], names[t], repo, max_batch_size=32, preferred_batch_sizes=(8, 16, 32))
+        build_repository(exports[t], names[t], repo, max_batch_size=32, preferred_batch_sizes=(8, 16, 32),
+                         max_queue_delay_us=args.queue_delay_us)
     pa, env = find_perf_analyzer(), perf_analyzer_env()
     results = {}
     with TritonServer(repo) as server:

@@ -270,7 +270,7 @@ def triton_build(
     flavor: Annotated[str, typer.Option(help="cpu: onnxruntime in the python backend; gpu: onnxruntime backend.")] = "cpu",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch each model accepts.")] = 32,
     instances: Annotated[int, typer.Option(help="Instances per model (instance_group count).")] = 1,
-    max_queue_delay_us: Annotated[int, typer.Option(help="Dynamic batcher queue delay.")] = 2000,
+    max_queue_delay_us: Annotated[int, typer.Option(help="Dynamic batcher queue delay (µs).")] = 200,
     max_length: Annotated[int | None, typer.Option(help="Tokens per text before truncation (default 512).")] = None,
 ):
     """Write NAME (ensemble), NAME_tokenizer, NAME_encoder and NAME_postprocess into the repository."""

@@ -364,7 +364,7 @@ def build_repository(
     max_batch_size: int = 32,
     instances: int = 1,
     preferred_batch_sizes: Sequence[int] = (8, 16, 32),
-    max_queue_delay_us: int = 2000,
+    max_queue_delay_us: int = 200,
     max_length: int | None = None,
 ) -> Path:
     """Write the ensemble ``name`` and its three models for ``export_dir`` into ``repo``; return ``repo/name``.
