@@ -38,17 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bertops.checkpoint import resolve_model_dir  # noqa: E402
 from bertops.data import sentences  # noqa: E402
-
-
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from bertops.export import median_ms  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -71,7 +61,7 @@ def gemm_gflops() -> float:
     from bertops.infer import ort_session
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best_ms = median_ms(lambda: torch.mm(a, b), reps=20)
+    best_ms = median_ms(lambda: torch.mm(a, b), runs=20, warmup=3)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1024, 1024]) for n in "ab"],
@@ -81,7 +71,7 @@ def gemm_gflops() -> float:
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), f"{tmp}/mm.onnx")
         sess = ort_session(f"{tmp}/mm.onnx")
         feeds = {"a": a.numpy(), "b": b.numpy()}
-        best_ms = min(best_ms, median_ms(lambda: sess.run(None, feeds), reps=20))
+        best_ms = min(best_ms, median_ms(lambda: sess.run(None, feeds), runs=20, warmup=3))
     return 2 * 1024**3 / (best_ms / 1e3) / 1e9
 
 

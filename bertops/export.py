@@ -374,7 +374,8 @@ def _gate(figures: dict[str, dict[str, float]], atol: float, what: str) -> None:
         )
 
 
-def _median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1) -> float:
+def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``runs`` calls after ``warmup`` untimed ones, in ms."""
     for _ in range(warmup):
         fn()
     times = []
@@ -402,8 +403,8 @@ def measure_latency(model, session, task: str, tok, max_seq_len: int, runs: int 
         row: dict[str, Any] = {"shape": list(batch["input_ids"].shape)}
         for impl in ("eager", "sdpa"):
             with _attention(model, ATTENTION_FUNCTIONS[impl]), torch.inference_mode():
-                row[f"torch_{impl}_ms"] = _median_ms(lambda: model(**tensors), runs)
-        row["onnxruntime_ms"] = _median_ms(lambda: session.run(None, batch), runs, warmup=2)
+                row[f"torch_{impl}_ms"] = median_ms(lambda: model(**tensors), runs)
+        row["onnxruntime_ms"] = median_ms(lambda: session.run(None, batch), runs, warmup=2)
         row["speedup_vs_torch_eager"] = round(row["torch_eager_ms"] / row["onnxruntime_ms"], 2)
         out[label] = row
     return out
