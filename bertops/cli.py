@@ -114,6 +114,11 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instea
 # --- config ---------------------------------------------------------------------------------------
 
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (see bertops/configs/).")]
+
+
+def _pick(value, default):
+    """A flag the user gave wins; otherwise the config's value (whose default lives in bertops.config)."""
+    return default if value is None else value
 Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides such as model.hidden_size=256.")]
 
 
@@ -198,20 +203,26 @@ app.add_typer(export_app, name="export")
 @command(export_app, "onnx")
 def export_onnx_cmd(
     model: ModelDir,
-    task: Annotated[str, typer.Option(help="embeddings, sequence-classification, token-classification, fill-mask, pretraining.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for model.onnx, tokenizer, labels, report.")],
-    precision: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
-    opset: Annotated[int, typer.Option(help="ONNX opset: 14-17 (onnxruntime fusion) or 23-25 (standard Attention op).")] = 17,
-    max_seq_len: Annotated[int, typer.Option(help="Sequence length for the latency check.")] = 128,
+    task: Annotated[str | None, typer.Option(
+        help="embeddings, sequence-classification, token-classification, fill-mask, pretraining (config export.task).")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, or fp16 (for CUDA) (config export.precision).")] = None,
+    opset: Annotated[int | None, typer.Option(
+        help="14-17 (onnxruntime fusion) or 23-25 (standard Attention op) (config export.opset: 17).")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Sequence length of the latency check (config export.max_seq_len).")] = None,
+    config: ConfigFile = None,
 ):
     """Export to ONNX with one fused attention node per layer, gated on parity with PyTorch."""
     from bertops.checkpoint import resolve_model_dir
+    from bertops.config import load_config
     from bertops.export import export_onnx
 
+    cfg = load_config(config).export
+    task, precision, opset = _pick(task, cfg.task), _pick(precision, cfg.precision), _pick(opset, cfg.opset)
     with console.status("exporting") as status:
         report = export_onnx(
-            resolve_model_dir(model), task, out_dir, precision, opset, max_seq_len,
-            progress=lambda msg: status.update(msg),
+            resolve_model_dir(model), task, out_dir, precision, opset, _pick(max_seq_len, cfg.max_seq_len),
+            progress=lambda msg: status.update(msg), atol=cfg.parity_atol,
         )
     fused = report.get("fused", {})
     parity = report.get("parity", {})
@@ -267,17 +278,24 @@ def triton_build(
     export: Annotated[Path, typer.Option("--export", "-e", help="Export folder (`bertops export onnx --out`).")],
     name: Annotated[str, typer.Option("--name", "-n", help="Ensemble name clients call.")],
     repo: Annotated[Path, typer.Option("--repo", "-r", help="Model repository folder.")] = Path("triton_models"),
-    flavor: Annotated[str, typer.Option(help="cpu: onnxruntime in the python backend; gpu: onnxruntime backend.")] = "cpu",
-    max_batch_size: Annotated[int, typer.Option(help="Largest batch each model accepts.")] = 32,
-    instances: Annotated[int, typer.Option(help="Instances per model (instance_group count).")] = 1,
-    max_queue_delay_us: Annotated[int, typer.Option(help="Dynamic batcher queue delay (µs).")] = 200,
+    flavor: Annotated[str | None, typer.Option(
+        help="cpu: onnxruntime in the python backend; gpu: onnxruntime backend (config serve.flavor: cpu).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Largest batch each model accepts (config serve.max_batch_size).")] = None,
+    instances: Annotated[int | None, typer.Option(help="Instances per model, instance_group count (config serve.instances).")] = None,
+    max_queue_delay_us: Annotated[int | None, typer.Option(
+        help="Dynamic batcher queue delay in µs (config serve.max_queue_delay_us).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per text before truncation (default 512).")] = None,
+    config: ConfigFile = None,
 ):
     """Write NAME (ensemble), NAME_tokenizer, NAME_encoder and NAME_postprocess into the repository."""
+    from bertops.config import load_config
     from bertops.triton.repository import build_repository
 
-    path = build_repository(export, name, repo, flavor=flavor, max_batch_size=max_batch_size, instances=instances,
-                            max_queue_delay_us=max_queue_delay_us, max_length=max_length)
+    cfg = load_config(config).serve
+    flavor = _pick(flavor, cfg.flavor)
+    path = build_repository(export, name, repo, flavor=flavor, max_batch_size=_pick(max_batch_size, cfg.max_batch_size),
+                            instances=_pick(instances, cfg.instances), preferred_batch_sizes=cfg.preferred_batch_sizes,
+                            max_queue_delay_us=_pick(max_queue_delay_us, cfg.max_queue_delay_us), max_length=max_length)
     out.print(f"wrote {path} (+ {name}_tokenizer, {name}_encoder, {name}_postprocess; flavor {flavor}); "
               f"serve with `bertops serve --repo {repo}`", highlight=False)
 
@@ -298,12 +316,13 @@ def triton_validate(repo: Annotated[Path, typer.Option("--repo", "-r", help="Mod
 @command(app, "serve")
 def serve(
     repo: Annotated[Path, typer.Option("--repo", "-r", help="Model repository folder.")] = Path("triton_models"),
-    http_port: Annotated[int, typer.Option(help="HTTP/REST port.")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
-    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
-    host: Annotated[str, typer.Option(help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
+    http_port: Annotated[int | None, typer.Option(help="HTTP/REST port (config serve.http_port: 8000).")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (config serve.grpc_port: 8001).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics port (config serve.metrics_port: 8002).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind; loopback unless told otherwise (config serve.host).")] = None,
     log_file: Annotated[Path | None, typer.Option(help="Server log (default: a temporary file).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for all models to load.")] = 300.0,
+    config: ConfigFile = None,
 ):
     """Validate the repository, start tritonserver on it, print the endpoints; Ctrl-C stops it cleanly."""
     import time
@@ -311,8 +330,12 @@ def serve(
     from bertops.triton.repository import check_servable, repository_models
     from bertops.triton.server import TritonServer
 
+    from bertops.config import load_config
+
+    cfg = load_config(config).serve
     check_servable(repo)  # one-line refusal before anything starts
-    server = TritonServer(repo, http_port, grpc_port, metrics_port, host=host, log_file=log_file)
+    server = TritonServer(repo, _pick(http_port, cfg.http_port), _pick(grpc_port, cfg.grpc_port),
+                          _pick(metrics_port, cfg.metrics_port), host=_pick(host, cfg.host), log_file=log_file)
     try:
         server.start(timeout)
         models = ", ".join(f"{m} ({t})" for m, t in repository_models(repo).items())

@@ -114,3 +114,22 @@ def test_cli_wiring(minilm_dir, tmp_path):
     assert trained.exit_code == 0, trained.output
     enc = runner.invoke(app, ["tokenizer", "encode", "-t", str(tmp_path / "tok"), "The quick fox", "lazy dog"])
     assert json.loads(enc.output)["tokens"][0] == "[CLS]"
+
+
+def test_yaml_settings_reach_the_commands_and_flags_win(exported, tmp_path):
+    """`-c file.yaml` feeds serve.* into `triton build`; an explicit flag overrides the file."""
+    from bertops.triton.repository import parse_config
+
+    folder = exported("sequence-classification", num_labels=3)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("serve:\n  max_batch_size: 4\n  instances: 2\n  preferred_batch_sizes: [2, 4]\n")
+    repo = tmp_path / "repo"
+    result = runner.invoke(app, ["triton", "build", "-e", str(folder), "-n", "cls", "-r", str(repo), "-c", str(cfg)])
+    assert result.exit_code == 0, result.output
+    enc = parse_config(repo / "cls_encoder" / "config.pbtxt")
+    assert enc.max_batch_size == 4 and enc.instance_group[0].count == 2
+    assert list(enc.dynamic_batching.preferred_batch_size) == [2, 4]
+    result = runner.invoke(app, ["triton", "build", "-e", str(folder), "-n", "cls", "-r", str(repo), "-c", str(cfg),
+                                 "--max-batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert parse_config(repo / "cls_encoder" / "config.pbtxt").max_batch_size == 8
