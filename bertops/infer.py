@@ -143,10 +143,8 @@ class Predictor:
     group_by_length: bool = True  # False: one padded run per batch (for comparisons)
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
-        """One padded batch through the graph -> named outputs."""
-        names = [o.name for o in self.session.get_outputs()]
-        values = self.session.run(names, batch.arrays())
-        return dict(zip(names, values))
+        """One padded batch through the graph -> the outputs the task's post-processing reads."""
+        return dict(zip(self.task.reads, self.session.run(list(self.task.reads), batch.arrays())))
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Batch:
         if pairs is not None and not self.task.pairs:

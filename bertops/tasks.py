@@ -37,6 +37,7 @@ class Task:
     name: str
     outputs: tuple[str, ...]  # ONNX / Triton output tensor names, in graph order
     postprocess: Postprocess
+    reads: tuple[str, ...] = ("logits",)  # the outputs postprocess uses: the only ones inference fetches
     needs_labels: bool = False  # classification heads carry label names (labels.json)
     pairs: bool = False  # accepts a second text per example
     token_level: bool = False  # answers refer to tokens / character spans
@@ -64,6 +65,7 @@ register_task(
         name="embeddings",
         outputs=("last_hidden_state", "sentence_embedding"),
         postprocess=lambda out, ids, offs, wids, texts, info: pp.embeddings(out["sentence_embedding"]),
+        reads=("sentence_embedding",),  # skip copying the (B, T, H) hidden states out of the graph
         pairs=False,
         description="mean-pooled, L2-normalised sentence vectors",
     )
@@ -106,6 +108,7 @@ register_task(
         name="pretraining",
         outputs=("logits", "nsp_logits"),
         postprocess=lambda out, ids, offs, wids, texts, info: pp.classify(out["nsp_logits"], ("is_next", "not_next")),
+        reads=("nsp_logits",),
         pairs=True,
         description="masked-LM + next-sentence heads (NSP answer post-processed)",
     )

@@ -70,9 +70,6 @@ ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TOKEN_LEVEL_INPUTS = ("OFFSETS", "WORD_IDS")
 DEFAULT_MAX_LENGTH = 512  # bertops.infer.Predictor's default, so served answers match in-process ones
 WARMUP_TEXT = "Triton warms this model up with a short sample sentence."
-# Encoder outputs the postprocess step asks for over BLS (default: all of the task's outputs).
-# Embeddings skip the (B, T, H) last_hidden_state: the answer is the pooled sentence_embedding.
-BLS_OUTPUTS = {"embeddings": ("sentence_embedding",), "pretraining": ("nsp_logits",)}
 # Backends built into tritonserver itself (no backend directory needed).
 BUILTIN_PLATFORMS = ("ensemble",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -397,7 +394,7 @@ def build_repository(
             f"{export_dir / 'model.onnx'} has no input {missing[0]!r}; re-export it with `bertops export onnx`"
         )
     graph_outputs = signature["outputs"]
-    bls_outputs = [o for o in BLS_OUTPUTS.get(task.name, task.outputs)]
+    bls_outputs = list(task.reads)  # what the postprocess step asks the encoder for over BLS
     absent = [o for o in bls_outputs if o not in graph_outputs]
     if absent:
         raise BertopsError(
