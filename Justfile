@@ -11,8 +11,9 @@ default:
 demo out="runs/demo":
     bertops demo --out {{out}}
 
-# the whole test suite (slow end-to-end tests included)
+# the whole test suite (slow end-to-end tests included; perf_analyzer is installed first, once)
 test *args:
+    python bench/get_perf_analyzer.py > /dev/null
     python -m pytest -q {{args}}
 
 # only the fast tests
@@ -25,4 +26,9 @@ bench-inference *args:
 
 # Triton serving benchmark (perf_analyzer over concurrency)
 bench-serving *args:
+    python bench/get_perf_analyzer.py > /dev/null
     python bench/serving.py {{args}}
+
+# soak: 60 s at concurrency 64, HTTP and gRPC, every answer checked against in-process
+bench-soak *args:
+    python bench/soak.py {{args}}

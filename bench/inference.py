@@ -25,7 +25,6 @@ import warnings
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,12 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bertops.checkpoint import resolve_model_dir
+from bertops.data.corpus import bundled_sentences as sentences
+from bertops.numerics import median_ms
 
-from bertops.checkpoint import resolve_model_dir  # noqa: E402
-from bertops.data import sentences  # noqa: E402
-from bertops.export import median_ms  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,30 +22,29 @@ import tempfile
 import time
 from pathlib import Path
 
+from bertops.checkpoint import resolve_model_dir, save_model
+from bertops.config import load_config, packaged_configs
+from bertops.data.corpus import bundled_sentences as sentences
+from bertops.export import export_onnx
+from bertops.infer import load_predictor
+from bertops.tasks import EMBEDDINGS, get_task
+from bertops.triton.builder import build_repository
+from bertops.triton.server import TritonServer
+from bertops.triton.wheel import find_perf_analyzer, perf_analyzer_env
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bertops.checkpoint import resolve_model_dir, save_model  # noqa: E402
-from bertops.config import ModelConfig  # noqa: E402
-from bertops.data import sentences  # noqa: E402
-from bertops.export import export_onnx  # noqa: E402
-from bertops.infer import load_predictor  # noqa: E402
-from bertops.triton.repository import build_repository  # noqa: E402
-from bertops.triton.server import TritonServer, find_perf_analyzer, perf_analyzer_env  # noqa: E402
-
-TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 NER = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
 
 
 def make_export(task: str, work: Path) -> Path:
     out = work / f"export-{task}"
-    if task == "embeddings":
+    if task == EMBEDDINGS.name:
         export_onnx(resolve_model_dir("all-MiniLM-L6-v2"), task, out)
         return out
-    from bertops.model import MODEL_CLASSES
-
-    extra = {"num_labels": 5, "id2label": NER} if task == "token-classification" else {"num_labels": 3}
-    ckpt = save_model(MODEL_CLASSES[task](ModelConfig(**TINY, **extra)), work / f"ckpt-{task}",
+    tiny = next(p for p in packaged_configs() if p.name == "tiny.yaml")  # the tiny model's one home
+    extra = {"num_labels": 5, "id2label": NER} if get_task(task).token_level else {"num_labels": 3}
+    cfg = dataclasses.replace(load_config(tiny).model, **extra)
+    ckpt = save_model(get_task(task).build_model(cfg), work / f"ckpt-{task}",
                       tokenizer_dir=resolve_model_dir("all-MiniLM-L6-v2"))
     export_onnx(ckpt, task, out)
     return out

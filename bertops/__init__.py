@@ -5,3 +5,12 @@ Data flows one way: config -> tokenizer -> model -> checkpoint -> export (ONNX) 
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``bertops.Estimator`` without importing torch on ``import bertops``."""
+    if name == "Estimator":
+        from bertops.estimator import Estimator
+
+        return Estimator
+    raise AttributeError(f"module 'bertops' has no attribute {name!r}")

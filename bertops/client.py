@@ -24,10 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from bertops.config import ServeConfig
 from bertops.errors import BertopsError
 
 PROTOCOLS = ("http", "grpc")
-DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+DEFAULT_URLS = {
+    "http": f"{ServeConfig.host}:{ServeConfig.http_port}",
+    "grpc": f"{ServeConfig.host}:{ServeConfig.grpc_port}",
+}
 
 
 def _module(protocol: str):
@@ -108,24 +112,19 @@ class Client:
 
     def _unreachable(self, exc: Exception | None) -> BertopsError:
         why = f" ({_message(exc)})" if exc is not None else " (not live)"
-        port = "8000" if self.protocol == "http" else "8001"
+        port = ServeConfig.http_port if self.protocol == "http" else ServeConfig.grpc_port
         return BertopsError(
             f"no Triton server answers at {self.protocol}://{self.url}{why}; start one with "
             f"`bertops serve --repo triton_models/`, or pass the right --url (HTTP :{port} by default) and --protocol"
         )
 
-    def is_live(self) -> bool:
-        try:
-            return bool(self._client.is_server_live())
-        except Exception:
-            return False
-
     def models(self) -> list[str]:
-        """Names of the models the server has loaded (READY)."""
-        index = self._client.get_model_repository_index()
+        """Names of the models the server has loaded, from the statistics API (``bertops serve`` restricts
+        the repository index to holders of the admin key, together with model control)."""
+        stats = self._client.get_inference_statistics()
         if self.protocol == "grpc":
-            index = [{"name": m.name, "state": m.state} for m in index.models]
-        return sorted(m["name"] for m in index if m.get("state") == "READY")
+            return sorted({m.name for m in stats.model_stats})
+        return sorted({m["name"] for m in stats["model_stats"]})
 
     def max_batch_size(self, model: str) -> int:
         """Check that the server is live and ``model`` ready; return its ``max_batch_size`` (cached)."""

@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
+from bertops import tasks
 from bertops.errors import BertopsError
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
-TASK_NAMES = ("embeddings", "sequence-classification", "token-classification", "fill-mask", "pretraining")
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where text comes from and how it is cut into model inputs."""
+    """How text is cut into model inputs and masked (the files themselves are command arguments)."""
 
-    train_files: tuple[str, ...] = ()  # text or JSONL files for training
-    eval_files: tuple[str, ...] = ()  # held-out files for evaluation
-    tokenizer: str = ""  # folder with tokenizer.json or vocab.txt; empty: the checkpoint's own
     max_seq_len: int = 128  # tokens per example, [CLS] and [SEP] included
     mlm_probability: float = 0.15  # share of tokens chosen for masking in pretraining
-    lowercase: bool = True  # lowercase text before WordPiece (uncased models)
+    whole_word_masking: bool = False  # mask all WordPieces of a chosen word together (pretraining)
+    shuffle_buffer: int = 10000  # examples in the seeded shuffle buffer of the pretraining input pipeline
 
     def validate(self) -> None:
         if not 8 <= self.max_seq_len <= 8192:
@@ -126,7 +124,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation settings. Gradient accumulation is derived, never set: see ``grad_accum_steps``."""
 
-    task: str = "pretraining"  # one of bertops.config.TASK_NAMES
+    task: str = tasks.PRETRAINING.name  # a registered task (bertops.tasks.task_names())
     init_from: str = ""  # checkpoint folder to start from; empty: random init from `model`
     output_dir: str = "runs/default"  # checkpoints and logs land here
     global_batch_size: int = 32  # sequences per optimizer step, across all ranks
@@ -135,11 +133,25 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decay (not applied to biases and LayerNorm)
     warmup_steps: int = 100  # linear warm-up to the peak
     max_steps: int = 1000  # optimizer steps in total
-    precision: str = "bf16"  # "bf16", "fp16" or "fp32"; bf16 is the fast default on CPU and Ampere+
+    precision: str = "auto"  # "auto" (bf16 where native: CUDA Ampere+, CPU with AVX512-BF16/AMX; else fp32), "bf16", "fp16", "fp32"
     seed: int = 0  # seeds python, numpy and torch on every rank
-    ds_config: str = "ds_configs/zero2.json"  # DeepSpeed-only settings (ZeRO stage, offload)
+    ds_config: str = "ds_configs/zero2.json"  # DeepSpeed-only settings (ZeRO stage, offload); no batch/LR keys
     log_every: int = 10  # steps between log lines
     save_every: int = 500  # steps between checkpoints
+    optimizer: str = "adamw"  # "adamw" or "lamb" (LAMB needs whole tensors: ZeRO stage 0 only)
+    adam_beta1: float = 0.9  # first-moment decay (AdamW and LAMB)
+    adam_beta2: float = 0.999  # second-moment decay (AdamW and LAMB)
+    adam_epsilon: float = 1e-6  # denominator epsilon (BERT's 1e-6)
+    lr_schedule: str = "linear"  # decay after warm-up: "linear" (to 0 at max_steps), "cosine" or "constant"
+    min_lr_ratio: float = 0.0  # the decay's floor, as a share of learning_rate
+    gradient_clipping: float = 1.0  # max global gradient 2-norm; 0 switches clipping off
+    activation_checkpointing: bool = False  # recompute each encoder layer in backward: less memory, ~30% more compute
+    eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
+    eval_batches: int = 8  # micro-batches per rank in one evaluation
+    keep_checkpoints: int = 3  # newest checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)
+    phase2_step: int = 0  # two-phase schedule: from this step on read phase2_data (0: one phase)
+    phase2_data: str = ""  # prepared shards at the longer sequence length (e.g. 512) for phase 2
+    phase2_micro_batch_size: int = 0  # micro batch in phase 2 (0: micro_batch_size); global batch stays
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-steps per optimizer step so that micro * world * accum == global."""
@@ -152,28 +164,38 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
     def validate(self) -> None:
-        if self.task not in TASK_NAMES:
-            raise BertopsError(f"train.task={self.task!r} is unknown; use one of {TASK_NAMES}")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise BertopsError(f"train.precision={self.precision!r} is unknown; use bf16, fp16 or fp32")
+        _check_task("train.task", self.task)
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise BertopsError(f"train.precision={self.precision!r} is unknown; use auto, bf16, fp16 or fp32")
         if self.micro_batch_size <= 0 or self.global_batch_size <= 0:
             raise BertopsError("train.micro_batch_size and train.global_batch_size must be positive")
         self.grad_accum_steps(1)
+        if self.optimizer not in ("adamw", "lamb"):
+            raise BertopsError(f"train.optimizer={self.optimizer!r} is unknown; use adamw or lamb")
+        if self.lr_schedule not in ("linear", "cosine", "constant"):
+            raise BertopsError(f"train.lr_schedule={self.lr_schedule!r} is unknown; use linear, cosine or constant")
+        if self.max_steps < 1 or self.warmup_steps < 0 or self.log_every < 1 or self.save_every < 1:
+            raise BertopsError("train.max_steps, train.log_every and train.save_every must be >= 1, warmup_steps >= 0")
+        if self.learning_rate <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise BertopsError("train.learning_rate must be positive and train.min_lr_ratio within 0..1")
+        if self.phase2_step and not self.phase2_data:
+            raise BertopsError("train.phase2_step is set but train.phase2_data is empty; name the phase-2 shards folder")
+        if self.phase2_micro_batch_size < 0 or self.phase2_step < 0 or self.keep_checkpoints < 1:
+            raise BertopsError("train.phase2_* must be >= 0 and train.keep_checkpoints >= 1")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     """ONNX export settings (``bertops export onnx``)."""
 
-    task: str = "embeddings"  # which head's outputs the graph exposes
+    task: str = tasks.EMBEDDINGS.name  # which head's outputs the graph exposes (a registered task)
     precision: str = "fp32"  # "fp32" or "fp16" (fp16 pays off on CUDA only)
     opset: int = 17  # ONNX opset; 17 is what onnxruntime's BERT fusions are written against
     max_seq_len: int = 128  # longest input the exported model is checked and benchmarked at
     parity_atol: float = 1e-4  # PyTorch vs onnxruntime gate (fp32)
 
     def validate(self) -> None:
-        if self.task not in TASK_NAMES:
-            raise BertopsError(f"export.task={self.task!r} is unknown; use one of {TASK_NAMES}")
+        _check_task("export.task", self.task)
         if self.precision not in ("fp32", "fp16"):
             raise BertopsError(f"export.precision={self.precision!r} is unknown; use fp32 or fp16")
 
@@ -184,15 +206,18 @@ class ServeConfig:
 
     flavor: str = "cpu"  # "cpu": encoder in a python-backend model; "gpu": Triton's onnxruntime backend
     max_batch_size: int = 32  # largest batch a model accepts
-    instances: int = 1  # model instances per model
+    instances: int = 2  # model instances per model; two let a short request run beside a long one (issue: stalls)
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)  # dynamic batcher targets
     max_queue_delay_us: int = 200  # batcher wait for a fuller batch; 2000 doubled p50 at concurrency 1 (BENCHMARKS)
     host: str = "127.0.0.1"  # address the server binds; loopback unless told otherwise
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    max_request_bytes: int = 16 * 2**20  # TEXT bytes one request may carry; the tokenizer model refuses more
 
     def validate(self) -> None:
+        if self.max_request_bytes < 1:
+            raise BertopsError("serve.max_request_bytes must be at least 1")
         if self.flavor not in ("cpu", "gpu"):
             raise BertopsError(f"serve.flavor={self.flavor!r} is unknown; use cpu or gpu")
         if self.max_batch_size < 1 or self.instances < 1:
@@ -216,6 +241,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _check_task(key: str, name: str) -> None:
+    if name not in tasks.task_names():
+        raise BertopsError(f"{key}={name!r} is unknown; use one of {', '.join(tasks.task_names())}")
 
 
 # --- building dataclasses from plain dicts, with type checks -------------------------------------

@@ -28,16 +28,19 @@ QUERIES = (
 def run_demo(out: str | Path = "runs/demo", repo: str | Path = "triton_models", say: Say = print, serve: bool = True) -> dict:
     """Run every stage; returns a summary dict (also written to ``out/demo_summary.json``)."""
     from bertops.checkpoint import DEFAULT_MODEL, resolve_model_dir
-    from bertops.data import SENTENCES_FILE
+    from bertops.data.corpus import BUNDLED_SENTENCES_FILE as SENTENCES_FILE
     from bertops.export import export_onnx
     from bertops.infer import load_predictor, predict_file
+    from bertops.tasks import EMBEDDINGS
 
     out, repo = Path(out), Path(repo)
     export_dir = out / "export"
     summary: dict = {"model": DEFAULT_MODEL}
 
-    say(f"[1/4] export: bertops export onnx --model {DEFAULT_MODEL} --task embeddings --out {export_dir}")
-    report = export_onnx(resolve_model_dir(DEFAULT_MODEL), "embeddings", export_dir, progress=lambda m: say(f"      {m}"))
+    say(f"[1/4] export: bertops export onnx --model {DEFAULT_MODEL} --task {EMBEDDINGS.name} --out {export_dir}")
+    report = export_onnx(
+        resolve_model_dir(DEFAULT_MODEL), EMBEDDINGS.name, export_dir, progress=lambda m: say(f"      {m}")
+    )
     summary["fused"] = report["fused"]
     summary["parity_max_abs"] = {k: v["max_abs"] for k, v in report["parity"]["outputs"].items()}
     summary["latency"] = report.get("latency", {})
@@ -54,7 +57,7 @@ def run_demo(out: str | Path = "runs/demo", repo: str | Path = "triton_models", 
     say(f"      {n} sentences embedded; cosine(paraphrase) {sims[0, 1]:.3f} > cosine(unrelated) {sims[0, 2]:.3f}")
 
     say(f"[3/4] triton: bertops triton build --export {export_dir} --name minilm --repo {repo}")
-    from bertops.triton.repository import build_repository
+    from bertops.triton.builder import build_repository
 
     build_repository(export_dir, "minilm", repo)
     summary["repository"] = str(repo)

@@ -16,8 +16,7 @@ produced an invalid file with the toolchain this was built against.
 Every export must fuse exactly one attention node per layer, keep the input/output names
 ``input_ids, attention_mask, token_type_ids -> <task outputs>``, and match PyTorch within
 ``atol`` (1e-4 fp32) on real padded sentences; otherwise a one-line :class:`BertopsError` is raised
-and no ``model.onnx`` is left in ``out_dir`` (the graph is written under a temporary name and
-renamed only when every check passed).
+and no ``model.onnx`` is left in ``out_dir`` (``bertops.artifacts.write_export`` moves it in last).
 
 Gotchas handled here (they cost silent unfused or wrong graphs otherwise):
 
@@ -38,16 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,51 +53,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertops.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model
-from bertops.config import TASK_NAMES, ModelConfig
-from bertops.data import sentences
+from bertops.artifacts import check_exportable, path_under, writable_out_dir, write_export
+from bertops.checkpoint import check_checkpoint_dir, load_model
+from bertops.config import ExportConfig, ModelConfig
+from bertops.data.corpus import bundled_sentences as sentences
 from bertops.errors import BertopsError
 from bertops.infer import ort_session, physical_cores
-from bertops.tasks import LABELS_FILE
 from bertops.model import ATTENTION_FUNCTIONS, BertSelfAttention
-from bertops.tokenizer import TOKENIZER_FILES, encode, load_tokenizer
+from bertops.numerics import compare, fused_counts, io_signature, median_ms, node_counts, worst
+from bertops.tasks import Task, get_task
+from bertops.tokenizer import encode, load_tokenizer
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-# Task -> ONNX output names, in graph order.
-OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
-    "embeddings": ("last_hidden_state", "sentence_embedding"),
-    "sequence-classification": ("logits",),
-    "token-classification": ("logits",),
-    "fill-mask": ("logits",),
-    "pretraining": ("logits", "nsp_logits"),
-}
-# Outputs with one row per token (B, T, ...): compared on real tokens only, dynamic in `sequence`.
-PER_TOKEN_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "embeddings": ("last_hidden_state",),
-    "sequence-classification": (),
-    "token-classification": ("logits",),
-    "fill-mask": ("logits",),
-    "pretraining": ("logits",),
-}
-CLASSIFICATION_TASKS = ("sequence-classification", "token-classification")
-# Tasks whose parity check includes a batch of sentence pairs (token_type_ids 1 exercised).
-PAIR_TASKS = ("sequence-classification", "pretraining")
-
 TORCHSCRIPT_OPSETS = range(14, 18)  # TorchScript exporter + onnxruntime.transformers fusion
 DYNAMO_OPSETS = range(23, 26)  # torch.export-based exporter, standard ONNX Attention op
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = ExportConfig.opset
 PRECISIONS = ("fp32", "fp16")
-FP32_ATOL = 1e-4
+FP32_ATOL = ExportConfig.parity_atol
 FP16_ATOL = 2e-2
-
-# (domain, op_type) of fused nodes, by kind. "" is the default ONNX domain.
-MS = "com.microsoft"
-FUSED_KINDS: dict[str, tuple[tuple[str, str], ...]] = {
-    "attention": ((MS, "Attention"), (MS, "MultiHeadAttention"), ("", "Attention"), ("ai.onnx", "Attention")),
-    "skip_layernorm": ((MS, "SkipLayerNormalization"), (MS, "SkipSimplifiedLayerNormalization")),
-    "embed_layernorm": ((MS, "EmbedLayerNormalization"),),
-    "gelu": ((MS, "BiasGelu"), (MS, "FastGelu"), (MS, "Gelu"), ("", "Gelu"), ("ai.onnx", "Gelu")),
-}
 
 Progress = Callable[[str], None] | None
 
@@ -184,41 +153,14 @@ def check_opset(opset: int) -> str:
     raise BertopsError(f"opset {opset} is newer than this toolchain exports correctly; {ranges}")
 
 
-def node_counts(model) -> dict[str, int]:
-    """Node-type counts: plain op names for the default ONNX domain, ``domain.Op`` for others."""
-    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
-    return dict(sorted(counts.items()))
-
-
-def fused_counts(model) -> dict[str, int]:
-    pairs = Counter((n.domain, n.op_type) for n in model.graph.node)
-    return {kind: sum(pairs[p] for p in ops) for kind, ops in FUSED_KINDS.items()}
-
-
-def io_signature(model) -> dict[str, list[dict[str, Any]]]:
-    """Graph inputs/outputs as {name, dtype, shape}; symbolic dims by name (batch, sequence)."""
-    import onnx
-
-    def describe(values) -> list[dict[str, Any]]:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
-            shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": dtype, "shape": shape})
-        return out
-
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
-
-
-def _check_structure(model, task: str, cfg: ModelConfig, path: str, where: str) -> dict[str, int]:
+def _check_structure(model, task: Task, cfg: ModelConfig, path: str, where: str) -> dict[str, int]:
     """Names exactly as promised, int64 inputs, and one fused attention node per layer."""
     got_in = [v.name for v in model.graph.input]
     got_out = [v.name for v in model.graph.output]
-    if got_in != list(INPUT_NAMES) or got_out != list(OUTPUT_NAMES[task]):
+    if got_in != list(INPUT_NAMES) or got_out != list(task.outputs):
         raise BertopsError(
             f"the {where} graph has inputs {got_in} and outputs {got_out}, expected {list(INPUT_NAMES)} -> "
-            f"{list(OUTPUT_NAMES[task])}; this is an exporter bug, retry with --opset {DEFAULT_OPSET}"
+            f"{list(task.outputs)}; this is an exporter bug, retry with --opset {DEFAULT_OPSET}"
         )
     fused = fused_counts(model)
     if fused["attention"] != cfg.num_hidden_layers:
@@ -233,10 +175,10 @@ def _check_structure(model, task: str, cfg: ModelConfig, path: str, where: str) 
 # --- export paths -----------------------------------------------------------------------------------
 
 
-def _dynamic_axes(task: str) -> dict[str, dict[int, str]]:
+def _dynamic_axes(task: Task) -> dict[str, dict[int, str]]:
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
-    for name in OUTPUT_NAMES[task]:
-        axes[name] = {0: "batch", 1: "sequence"} if name in PER_TOKEN_OUTPUTS[task] else {0: "batch"}
+    for name in task.outputs:
+        axes[name] = {0: "batch", 1: "sequence"} if name in task.per_token else {0: "batch"}
     return axes
 
 
@@ -251,7 +193,7 @@ def _export_torchscript(model, cfg, task, tok, opset, max_seq_len, raw_path: Pat
     from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    wrapper = _Named(model, OUTPUT_NAMES[task]).eval()
+    wrapper = _Named(model, task.outputs).eval()
     try:
         with _quiet(), _attention(model, _fusable_eager_attention), torch.no_grad():
             torch.onnx.export(
@@ -259,7 +201,7 @@ def _export_torchscript(model, cfg, task, tok, opset, max_seq_len, raw_path: Pat
                 _example(tok, max_seq_len),
                 str(raw_path),
                 input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES[task]),
+                output_names=list(task.outputs),
                 dynamic_axes=_dynamic_axes(task),
                 opset_version=opset,
                 do_constant_folding=True,
@@ -289,7 +231,7 @@ def _export_dynamo(model, cfg, task, tok, opset, max_seq_len, out_path: Path):
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    wrapper = _Named(model, OUTPUT_NAMES[task]).eval()
+    wrapper = _Named(model, task.outputs).eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     seq = torch.export.Dim("sequence", min=1, max=cfg.max_position_embeddings)
     try:
@@ -298,7 +240,7 @@ def _export_dynamo(model, cfg, task, tok, opset, max_seq_len, out_path: Path):
                 wrapper,
                 _example(tok, max_seq_len),
                 input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES[task]),
+                output_names=list(task.outputs),
                 dynamic_shapes={name: {0: batch, 1: seq} for name in INPUT_NAMES},
                 opset_version=opset,
                 dynamo=True,
@@ -320,70 +262,25 @@ def _export_dynamo(model, cfg, task, tok, opset, max_seq_len, out_path: Path):
 # --- parity and latency -----------------------------------------------------------------------------
 
 
-def parity_batches(tok, task: str, max_seq_len: int) -> list[dict[str, np.ndarray]]:
+def parity_batches(tok, task: Task, max_seq_len: int) -> list[dict[str, np.ndarray]]:
     """3 right-padded batches of 16 real sentences of mixed length; the last is sentence pairs for
-    classification-style tasks (sequence-classification, pretraining/NSP)."""
+    tasks that take pairs (``Task.pairs``: token_type_ids 1 exercised)."""
     texts = sentences(64)
     batches = [encode(tok, texts[0:16], max_length=max_seq_len), encode(tok, texts[16:32], max_length=max_seq_len)]
-    if task in PAIR_TASKS:
+    if task.pairs:
         batches.append(encode(tok, texts[32:48], pairs=texts[48:64], max_length=max_seq_len))
     else:
         batches.append(encode(tok, texts[32:48], max_length=max_seq_len))
     return [b.arrays() for b in batches]
 
 
-def _torch_outputs(model, task, batch) -> dict[str, np.ndarray]:
-    with torch.inference_mode():
-        out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
-    return {n: out[n].float().numpy() for n in OUTPUT_NAMES[task]}
-
-
-def compare(model, session, task: str, batches: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """Max abs difference per output. Per-token outputs: ``max_abs`` over real tokens (the gated
-    figure) and ``max_abs_all_positions`` including padding.
-
-    Padded positions are never consumed (mean pooling masks them, token-level post-processing drops
-    them), and fused attention kernels legitimately compute them differently (the hidden states of
-    padded *query* rows are garbage-in either way and accumulate in another order), so only real
-    tokens are gated. Measured on all-MiniLM-L6-v2: ~3e-6 on real tokens, up to ~1e-4 at padding.
-    """
-    result: dict[str, dict[str, float]] = {n: {"max_abs": 0.0} for n in OUTPUT_NAMES[task]}
-    for batch in batches:
-        ref = _torch_outputs(model, task, batch)
-        got = dict(zip(OUTPUT_NAMES[task], session.run(list(OUTPUT_NAMES[task]), batch)))
-        real = batch["attention_mask"].astype(bool)
-        for name in OUTPUT_NAMES[task]:
-            diff = np.abs(got[name].astype(np.float32) - ref[name])
-            if not np.isfinite(diff).all():
-                diff = np.where(np.isfinite(diff), diff, np.inf)
-            if name in PER_TOKEN_OUTPUTS[task]:
-                r = result[name]
-                r["max_abs"] = max(r["max_abs"], float(diff[real].max()))
-                r["max_abs_all_positions"] = max(r.get("max_abs_all_positions", 0.0), float(diff.max()))
-            else:
-                result[name]["max_abs"] = max(result[name]["max_abs"], float(diff.max()))
-    return result
-
-
 def _gate(figures: dict[str, dict[str, float]], atol: float, what: str) -> None:
-    worst = max(figures, key=lambda n: figures[n]["max_abs"])
-    if not figures[worst]["max_abs"] <= atol:  # also catches NaN
+    name, value = worst(figures)
+    if not value <= atol:  # also catches NaN
         raise BertopsError(
-            f"{what} parity failed: {worst} differs from PyTorch by {figures[worst]['max_abs']:.3g} (max abs, real "
+            f"{what} parity failed: {name} differs from PyTorch by {value:.3g} (max abs, real "
             f"tokens) > {atol:g}; nothing was written; retry with --opset {DEFAULT_OPSET} --precision fp32"
         )
-
-
-def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``runs`` calls after ``warmup`` untimed ones, in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return round(1000 * statistics.median(times), 3)
 
 
 def latency_inputs(tok, max_seq_len: int) -> dict[str, dict[str, np.ndarray]]:
@@ -395,7 +292,7 @@ def latency_inputs(tok, max_seq_len: int) -> dict[str, dict[str, np.ndarray]]:
     return {f"b1x{max_seq_len}": one, "b8": eight}
 
 
-def measure_latency(model, session, task: str, tok, max_seq_len: int, runs: int = 5) -> dict[str, Any]:
+def measure_latency(model, session, tok, max_seq_len: int, runs: int = 5) -> dict[str, Any]:
     """Median ms of PyTorch eager / sdpa (fp32) vs onnxruntime on this machine. A few seconds."""
     out: dict[str, Any] = {"runs": runs, "torch_threads": torch.get_num_threads()}
     for label, batch in latency_inputs(tok, max_seq_len).items():
@@ -432,9 +329,9 @@ def export_onnx(
     model_dir: str | Path,
     task: str,
     out_dir: str | Path,
-    precision: str = "fp32",
+    precision: str = ExportConfig.precision,
     opset: int = DEFAULT_OPSET,
-    max_seq_len: int = 128,
+    max_seq_len: int = ExportConfig.max_seq_len,
     progress: Progress = None,
     *,
     atol: float = FP32_ATOL,
@@ -442,31 +339,36 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export the checkpoint in ``model_dir`` as ``task`` to ``out_dir``; return the report.
 
-    ``out_dir`` receives model.onnx, the tokenizer files, config.json, labels.json (classification
-    tasks) and export_report.json, only once every check passed. ``progress`` gets step messages.
+    ``out_dir`` receives the export folder (:mod:`bertops.artifacts`: model.onnx, tokenizer files,
+    config.json, labels.json, task_plugin.py, export_report.json) only once every check passed.
+    ``task`` is any registered task's name. ``progress`` gets step messages.
     """
     import onnx
     import onnxruntime as ort
 
-    if task not in TASK_NAMES:
-        raise BertopsError(f"unknown task {task!r}; use one of {', '.join(TASK_NAMES)}")
+    task_name, task = task, get_task(task)
+    check_exportable(task)
     if precision not in PRECISIONS:
         raise BertopsError(f"precision {precision!r} is unknown; use fp32 or fp16")
     path = check_opset(int(opset))
     model_dir = check_checkpoint_dir(model_dir)
-    out_dir = Path(out_dir)
+    out_dir = writable_out_dir(out_dir)
 
     started = time.perf_counter()
-    _say(progress, f"loading {model_dir} as {task}")
+    _say(progress, f"loading {model_dir} as {task_name}")
     impl = "eager" if path == "torchscript" else "sdpa"
-    model, cfg = load_model(model_dir, task, attn_implementation=impl)
+    model, cfg = load_model(model_dir, task_name, attn_implementation=impl)
     if not 8 <= max_seq_len <= cfg.max_position_embeddings:
         raise BertopsError(
             f"max_seq_len={max_seq_len} is out of range for this model; use 8..{cfg.max_position_embeddings}"
         )
     tok = load_tokenizer(model_dir)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = next((p for p in reversed((out_dir, *out_dir.parents)) if not p.exists()), None)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BertopsError(f"cannot write to {out_dir} ({exc.strerror}); pass an output folder you can write to") from None
     partial = out_dir / f".model.onnx.partial-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="bertops-export-") as tmp:
         tmp = Path(tmp)
@@ -501,7 +403,7 @@ def export_onnx(
                 "atol": atol,
                 "sequences": n_seq,
                 "batches": [list(b["input_ids"].shape) for b in batches],
-                "pairs": task in PAIR_TASKS,
+                "pairs": task.pairs,
                 "reference": f"bertops PyTorch model ({impl} attention, fp32, eval)",
                 "compared_on": "real tokens for per-token outputs (max_abs); padded positions in max_abs_all_positions",
                 "outputs": figures,
@@ -543,13 +445,13 @@ def export_onnx(
 
             _say(progress, "measuring latency (PyTorch eager / sdpa vs onnxruntime)")
             # fp16 graphs are for CUDA; on the CPU the fp32 graph is what gets served, so it is timed.
-            latency = measure_latency(model, session, task, tok, max_seq_len)
+            latency = measure_latency(model, session, tok, max_seq_len)
             latency["onnxruntime_graph"] = "fp32"
             latency["onnxruntime_threads"] = physical_cores()
             latency["device"] = "cpu"
 
             report: dict[str, Any] = {
-                "task": task,
+                "task": task.name,
                 "model_dir": str(model_dir),
                 "opset": opset,
                 "precision": precision,
@@ -583,18 +485,16 @@ def export_onnx(
                 report["fp16_node_counts"] = fp16_counts
 
             _say(progress, f"writing {out_dir}")
-            copy_tokenizer_files(model_dir, out_dir)
-            shutil.copyfile(model_dir / "config.json", out_dir / "config.json")
-            if task in CLASSIFICATION_TASKS:
-                (out_dir / LABELS_FILE).write_text(json.dumps(cfg.labels(), indent=2) + "\n", encoding="utf-8")
             report["seconds"] = round(time.perf_counter() - started, 2)
-            report["files"] = sorted(
-                ["model.onnx", "config.json", "export_report.json"]
-                + [n for n in TOKENIZER_FILES if (out_dir / n).is_file()]
-                + ([LABELS_FILE] if task in CLASSIFICATION_TASKS else [])
-            )
-            (out_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            os.replace(partial, out_dir / "model.onnx")  # last: model.onnx exists only after every check
+            write_export(out_dir, partial, task=task, model_dir=model_dir, labels=cfg.labels(), report=report)
+        except BaseException as exc:
+            if created is not None:  # nothing half-written: drop the folder this call created
+                shutil.rmtree(created, ignore_errors=True)
+            if isinstance(exc, OSError) and path_under(exc.filename, out_dir):
+                raise BertopsError(
+                    f"cannot write to {out_dir} ({exc.strerror}); pass an output folder you can write to"
+                ) from None
+            raise
         finally:
             partial.unlink(missing_ok=True)
     return report

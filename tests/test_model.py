@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bertops.checkpoint import load_model, save_model
-from bertops.model import MODEL_CLASSES, BertForPreTraining, BertModel
+from bertops.model import BertForPreTraining, BertModel
+from bertops.tasks import get_task
 from bertops.tokenizer import encode, load_tokenizer
 from conftest import tiny_config
 
@@ -35,9 +36,9 @@ def test_shapes_every_head(impl):
         "embeddings": {"last_hidden_state": (3, 11, 32), "sentence_embedding": (3, 32)},
     }
     for task, shapes in expected.items():
-        out = MODEL_CLASSES[task](cfg).eval()(ids, mask, types)
+        out = get_task(task).build_model(cfg).eval()(ids, mask, types)
         assert {k: tuple(v.shape) for k, v in out.items()} == shapes, task
-    emb = MODEL_CLASSES["embeddings"](cfg).eval()(ids, mask, types)["sentence_embedding"]
+    emb = get_task("embeddings").build_model(cfg).eval()(ids, mask, types)["sentence_embedding"]
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
 
 
@@ -85,13 +86,13 @@ def test_nsp_and_classification_losses_backprop():
     torch.manual_seed(0)
     cfg = tiny_config(num_labels=3)
     ids, mask, types = _inputs()
-    model = MODEL_CLASSES["pretraining"](cfg).train()
+    model = get_task("pretraining").build_model(cfg).train()
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
     labels[0, 0] = ids[0, 0]
     out = model(ids, mask, types, labels=labels, next_sentence_label=torch.tensor([0, 1, 0]))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.bert.embeddings.word_embeddings.weight.grad is not None
-    tok = MODEL_CLASSES["token-classification"](cfg)
+    tok = get_task("token-classification").build_model(cfg)
     tl = torch.randint(0, 3, ids.shape).masked_fill(mask == 0, -100)
     assert torch.isfinite(tok(ids, mask, types, labels=tl)["loss"])
 

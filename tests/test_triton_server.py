@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from bertops.errors import BertopsError
-from bertops.triton.server import TritonServer, find_perf_analyzer, perf_analyzer_env
+from bertops.triton.server import TritonServer
+from bertops.triton.wheel import find_perf_analyzer, perf_analyzer_env
 
 pytestmark = pytest.mark.slow
 
@@ -154,5 +155,5 @@ def test_perf_analyzer_measures_echo_upper(tmp_path):
         )
     assert done.returncode == 0, done.stdout + done.stderr
     rows = list(csv.DictReader(report.open()))
-    assert [int(r["Concurrency"]) for r in rows] == [1, 2]
+    assert sorted(int(r["Concurrency"]) for r in rows) == [1, 2]  # perf_analyzer may order rows by throughput
     assert all(float(r["Inferences/Second"]) > 0 for r in rows), rows

@@ -1,17 +1,12 @@
-"""Bundled real text: 256 English sentences (25-400 characters) from Python's own documentation.
+"""Pretraining data: corpora (corpus), shard preparation (prepare), shard format (shards), input pipeline (pipeline), masking.
 
-They ship with the package so the demo, tests and benchmarks run offline on real, variably long
-text. Larger corpora are read from files the user passes.
+``sentences`` and ``SENTENCES_FILE`` are the bundled sentences' older import path, kept for the
+demo, tests and benchmarks; new code imports :func:`bertops.data.corpus.bundled_sentences`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from bertops.data.corpus import BUNDLED_SENTENCES_FILE as SENTENCES_FILE
+from bertops.data.corpus import bundled_sentences as sentences
 
-SENTENCES_FILE = Path(__file__).with_name("sentences.txt")
-
-
-def sentences(n: int | None = None) -> list[str]:
-    """The first ``n`` bundled sentences (all 256 when ``n`` is None), in a fixed order."""
-    lines = [line for line in SENTENCES_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return lines if n is None else lines[:n]
+__all__ = ["SENTENCES_FILE", "sentences"]

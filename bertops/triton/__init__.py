@@ -1,0 +1,1 @@
+"""Serving on Triton: repository builder and validator, python-backend runtime, server process."""

@@ -1,171 +1,63 @@
-"""Run a real Triton Inference Server, and the real perf_analyzer, from pip wheels on a plain CPU box.
+"""Run one real tritonserver (from the nvidia-pytriton wheel) as a child process: start, inspect, stop.
 
-Why this module exists: NVIDIA ships Triton as a container, but the ``nvidia-pytriton`` wheel
-carries a working ``tritonserver`` binary with the Python backend.  Using it directly (without
-PyTriton's own Python-callable models) takes a few non-obvious steps, collected here:
+What keeps the process safe to run (see docs/deploy.md, "Security" and "Health"):
 
-* the binary and its backend need the wheel's vendored ``nvidia_pytriton.libs`` on
-  ``LD_LIBRARY_PATH`` (the CUDA/NVML/DCGM errors it logs on a machine without a GPU are harmless);
-* the Python backend looks for ``triton_python_backend_stub`` *next to* ``libtriton_python.so``,
-  while the wheel keeps one stub per Python version elsewhere.  Instead of modifying the installed
-  wheel we build a private backend directory of symlinks in a cache folder;
-* the stub embeds ``libpython3.X`` and finds its packages through the first ``python3`` on
-  ``PATH``, so the server must run with this interpreter's ``bin`` directory first on ``PATH``
-  (and numpy < 2 there: with numpy 2 the stub returns empty outputs);
-* ``perf_analyzer`` is not in the current tritonclient wheels (PyPI's ``perf-analyzer`` is a stub);
-  the real binary ships in the ``tritonclient==2.40.0`` wheel.  We download that wheel into the cache
-  (never installing it over the project's tritonclient), unzip the binary, and give it a private
-  library directory with the ``libcudart.so.12`` and ``libb64.so.0d`` it links against.
+* the shared-memory, logging, trace and model-repository APIs are restricted over HTTP and gRPC to
+  requests carrying the header ``bertops-admin-key`` (``$BERTOPS_ADMIN_KEY``, else a random key per
+  server): registering the python backend's own /dev/shm regions as "system shared memory" aborts
+  tritonserver, and ``/v2/logging`` changes its verbosity;
+* each server gets its own prefix for the python backend's /dev/shm regions, so :meth:`TritonServer.stop`
+  removes exactly the regions a killed or failed server leaves behind, a new server removes those of
+  bertops servers that are gone (:func:`remove_stale_shm`), and the regions are chmod 0600 as soon as
+  they appear (the backend creates them 0644);
+* the ports are checked before anything starts ("address in use" instead of a half-started server);
+* tritonserver gets SIGTERM when the Python thread that started it dies (``PR_SET_PDEATHSIG``);
+* :func:`list_stubs` finds the python-backend stub processes, so a supervisor
+  (:mod:`bertops.triton.supervisor`) can notice one that died.
+
+Locating the binary and its backend is :mod:`bertops.triton.wheel`'s job.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+import ctypes
+import errno
 import os
 import re
+import secrets
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from bertops.errors import BertopsError
+from bertops.triton.wheel import check_numpy, find_tritonserver, prepare_backend_dir, server_env
 
-PERF_ANALYZER_WHEEL_VERSION = "2.40.0"
-"""The last tritonclient wheel that still carries the ``perf_analyzer`` binary."""
-
-_PYTRITON_FIX = "install it with `pip install nvidia-pytriton` (it ships the tritonserver binary)"
-
-
-def default_cache_dir() -> Path:
-    """``$BERTOPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/bertops``, else ``~/.cache/bertops``."""
-    if os.environ.get("BERTOPS_CACHE_DIR"):
-        return Path(os.environ["BERTOPS_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "bertops"
-
+ADMIN_KEY_ENV = "BERTOPS_ADMIN_KEY"
+"""Environment variable holding the key that unlocks the restricted APIs (a random key when unset)."""
+ADMIN_HEADER = "bertops-admin-key"
+"""HTTP header that must carry the admin key for a restricted API (gRPC: ``triton-grpc-protocol-bertops-admin-key``)."""
+RESTRICTED_APIS = ("shared-memory", "logging", "trace", "model-repository")
+"""Triton APIs a client may use only with the admin key (model-repository = model control)."""
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
+"""Triton's own prefix for the python backend's regions; each server appends a random tag."""
 
 # --------------------------------------------------------------------------------------------
-# Locating the pieces inside the nvidia-pytriton wheel
+# Ports, processes, /dev/shm
 # --------------------------------------------------------------------------------------------
 
 
-def _pytriton_root() -> Path:
-    """The installed ``pytriton`` package directory, found without importing it (import is slow)."""
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise BertopsError(f"nvidia-pytriton is not installed in {sys.prefix}; {_PYTRITON_FIX}.")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _pytriton_libs() -> Path:
-    """The wheel's vendored shared libraries (``external_libs`` in an editable pytriton checkout)."""
-    root = _pytriton_root()
-    for candidate in (root.parent / "nvidia_pytriton.libs", root / "tritonserver" / "external_libs"):
-        if candidate.is_dir():
-            return candidate
-    raise BertopsError(
-        f"the nvidia-pytriton install at {root} has no nvidia_pytriton.libs folder; "
-        f"reinstall it with `pip install --force-reinstall nvidia-pytriton`."
-    )
-
-
-def find_tritonserver() -> Path:
-    """Path of the ``tritonserver`` binary shipped inside the installed nvidia-pytriton wheel."""
-    binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
-    if not binary.is_file():
-        raise BertopsError(f"no tritonserver binary at {binary}; {_PYTRITON_FIX}.")
-    return binary
-
-
-def _ensure_symlink(link: Path, target: Path) -> None:
-    """Point ``link`` at ``target``; a no-op if it already does, atomic if it must change."""
-    if link.is_symlink() and os.readlink(link) == str(target):
-        return
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def prepare_backend_dir(cache_dir: Optional[Path] = None) -> Path:
-    """Build (once) a backend directory for ``--backend-directory`` and return it.
-
-    It holds ``python/`` with symlinks to the wheel's ``libtriton_python.so``,
-    ``triton_python_backend_utils.py`` and the stub built for *this* interpreter's Python version.
-    The folder name includes the Python version and a hash of the wheel location, so several
-    environments can share one cache without re-pointing each other's links.
-    """
-    root = _pytriton_root()
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
-    backend = root / "tritonserver" / "backends" / "python"
-    sources = {
-        "libtriton_python.so": backend / "libtriton_python.so",
-        "triton_python_backend_utils.py": backend / "triton_python_backend_utils.py",
-        "triton_python_backend_stub": stub,
-    }
-    for name, src in sources.items():
-        if not src.is_file():
-            hint = f"nvidia-pytriton has no Python backend stub for Python {version}; use a Python " \
-                   f"version it supports" if name == "triton_python_backend_stub" else _PYTRITON_FIX
-            raise BertopsError(f"missing {src}: {hint}.")
-
-    tag = hashlib.sha1(str(root).encode()).hexdigest()[:10]
-    backends = Path(cache_dir or default_cache_dir()) / "triton" / f"py{version}-{tag}" / "backends"
-    python_dir = backends / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    for name, src in sources.items():
-        _ensure_symlink(python_dir / name, src)
-    return backends
-
-
-def _prepend(path: str, current: Optional[str]) -> str:
-    return f"{path}{os.pathsep}{current}" if current else path
-
-
-def server_env(base: Optional[dict] = None) -> dict:
-    """Environment for the server process (a copy of ``base``, default ``os.environ``).
-
-    ``LD_LIBRARY_PATH`` gets the wheel's vendored libraries (the private backend links defeat the
-    libraries' ``$ORIGIN`` rpath); ``PATH`` gets this interpreter's ``bin`` directory first, so the
-    Python backend stub runs with this environment's numpy/tokenizers/onnxruntime/bertops.
-    """
-    env = dict(os.environ if base is None else base)
-    env["LD_LIBRARY_PATH"] = _prepend(str(_pytriton_libs()), env.get("LD_LIBRARY_PATH"))
-    # Not resolved: a venv's python is a symlink, and the venv is found from the unresolved path.
-    env["PATH"] = _prepend(str(Path(sys.executable).parent), env.get("PATH"))
-    return env
-
-
-def _check_numpy() -> None:
-    """The pip-wheel stub is built against numpy 1.x; with numpy 2 it silently returns empty outputs."""
-    try:
-        import numpy
-    except ImportError:
-        raise BertopsError(
-            f"numpy is not installed in {sys.prefix}, and the Triton Python backend needs it; "
-            f"run `pip install 'numpy<2'`."
-        ) from None
-    if int(numpy.__version__.split(".")[0]) >= 2:
-        raise BertopsError(
-            f"numpy {numpy.__version__} is installed, but the Triton Python backend stub from "
-            f"nvidia-pytriton returns empty outputs with numpy 2; run `pip install 'numpy<2'`."
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# The server process
-# --------------------------------------------------------------------------------------------
+def _socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
 
 
 def _free_ports(host: str, count: int) -> list:
@@ -173,7 +65,7 @@ def _free_ports(host: str, count: int) -> list:
     socks = []
     try:
         for _ in range(count):
-            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            s = _socket(host)
             s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
@@ -182,8 +74,137 @@ def _free_ports(host: str, count: int) -> list:
             s.close()
 
 
+def check_ports_free(host: str, ports: dict) -> None:
+    """Raise "address in use" naming the port if any of ``ports`` (``{"http": 8000, ...}``) is taken on ``host``.
+
+    Binds like a server does (``SO_REUSEADDR``: a port in TIME_WAIT counts as free, a listener does not).
+    """
+    for kind, port in ports.items():
+        s = _socket(host)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise BertopsError(f"cannot bind {host}:{port} ({kind} port): {exc.strerror}; "
+                                   f"pass an address of this machine with --host") from None
+            raise BertopsError(_in_use(host, port, kind)) from None
+        finally:
+            s.close()
+
+
+def _in_use(host: str, port, kind: str) -> str:
+    return (f"address in use: {host}:{port} ({kind} port) is already taken by another process; stop it, "
+            f"or pick another port with --{kind}-port")
+
+
+def _die_with_parent_hook():
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when the thread that started it dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: nothing to load in the child
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+def _proc_stat(pid: str) -> Optional[tuple]:
+    """``(state, ppid, pgrp)`` of a process from /proc, or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def group_members(pgid: int) -> list:
+    """PIDs of the live (not zombie) processes in process group ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(entry)
+            if stat and stat[2] == pgid and stat[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+_OWN_REGION = re.compile(re.escape(SHM_PREFIX) + r"([0-9a-f]{12})_")
+
+
+def remove_stale_shm() -> list:
+    """Remove /dev/shm regions of bertops-started servers that are no longer running; return them.
+
+    Only regions named with a bertops server tag (``SHM_PREFIX + 12 hex + "_"``) whose tag no running
+    tritonserver's command line carries: left by a server that was killed, or forced to exit while
+    clients kept connections open past its drain time.
+    """
+    tags = {m.group(1) for r in SHM_DIR.glob(f"{SHM_PREFIX}*") if (m := _OWN_REGION.match(r.name))}
+    if not tags:
+        return []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            tags = {t for t in tags if f"shm-region-prefix-name={SHM_PREFIX}{t}_".encode() not in argv}
+    removed = []
+    for region in SHM_DIR.glob(f"{SHM_PREFIX}*"):
+        m = _OWN_REGION.match(region.name)
+        if m and m.group(1) in tags:
+            try:
+                region.unlink()
+                removed.append(region)
+            except OSError:  # another user's, or gone meanwhile
+                pass
+    return removed
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One python-backend stub process: ``instance`` is Triton's instance name (``minilm_encoder_0_0``)."""
+
+    pid: int
+    model: str
+    instance: str
+    region: str
+
+
+def list_stubs(server_pid: int) -> list:
+    """The live python-backend stubs that are children of tritonserver ``server_pid``.
+
+    A stub's command line is ``stub MODEL_DIR/VERSION/model.py REGION SIZE GROWTH PARENT_PID LIB HANDLE INSTANCE ...``
+    (python_backend's stub_launcher.cc); a killed stub stays a zombie until Triton reaps it and is not listed.
+    """
+    stubs = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = _proc_stat(entry)
+        if not stat or stat[1] != server_pid or stat[0] == "Z":
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if len(argv) > 8 and argv[0].endswith("triton_python_backend_stub"):
+            stubs.append(Stub(int(entry), Path(argv[1]).parent.parent.name, argv[8], argv[2]))
+    return stubs
+
+
+# --------------------------------------------------------------------------------------------
+# The server process
+# --------------------------------------------------------------------------------------------
+
+
 _ERROR_LINE = re.compile(r"^(E\d{4} |error:)")
 _CPU_NOISE = ("CUDA", "CudaDriverHelper", "NVML", "DCGM")
+_IN_USE = re.compile(r"failed to start (\w+) service: .*Socket '(.*):(\d+)' already in use")
 
 
 class TritonServer:
@@ -192,14 +213,19 @@ class TritonServer:
     >>> with TritonServer(Path("triton_models")) as server:   # doctest: +SKIP
     ...     client = tritonclient.http.InferenceServerClient(server.http_url)
 
-    Ports left as ``None`` are picked free on ``host``.  The server's stdout and stderr go to
-    ``log_file`` (a fresh temporary file when ``None``; see :attr:`log_path`), and errors raised
-    here quote its last lines.  ``--exit-on-error`` and ``--strict-readiness`` make a model that
-    fails to load stop the server, so :meth:`start` fails fast instead of serving half a repository.
+    Ports left as ``None`` are picked free on ``host``; given ports are checked before starting.
+    The server's stdout and stderr go to ``log_file`` (a fresh temporary file when ``None``; see
+    :attr:`log_path`), and errors raised here quote its last lines.  ``--exit-on-error`` and
+    ``--strict-readiness`` make a model that fails to load stop the server, so :meth:`start` fails
+    fast instead of serving half a repository.
 
-    On shutdown Triton waits up to ``exit_timeout_secs`` for in-flight requests *and for open client
-    connections* (an unclosed keep-alive ``tritonclient.http`` client counts), so close clients
-    before :meth:`stop`, or it takes that long; Triton's own default of 30 s is lowered to 10 here.
+    ``admin_key`` unlocks :data:`RESTRICTED_APIS` (header :data:`ADMIN_HEADER`); default
+    ``$BERTOPS_ADMIN_KEY``, else a random key only this object knows, which keeps them closed to clients.
+
+    On shutdown Triton 2.51 waits up to ``exit_timeout_secs`` for open HTTP connections -- an idle
+    keep-alive client counts as much as a request in flight -- then exits without unloading its models;
+    :meth:`stop` kills what is left and removes this server's /dev/shm regions either way.  The 3 s
+    default keeps SIGTERM-to-gone at about 4 s; raise it if requests take longer to finish.
     """
 
     def __init__(
@@ -213,7 +239,8 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         model_control_mode: str = "none",
         cache_dir: Optional[Path] = None,
-        exit_timeout_secs: int = 10,
+        exit_timeout_secs: int = 3,
+        admin_key: Optional[str] = None,
     ) -> None:
         self.repo = Path(repo)
         self.host = host
@@ -230,6 +257,10 @@ class TritonServer:
         self.model_control_mode = model_control_mode
         self.cache_dir = cache_dir
         self.exit_timeout_secs = exit_timeout_secs
+        self.admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+        if not re.fullmatch(r"[A-Za-z0-9._~+/-]+", self.admin_key):
+            raise BertopsError(f"${ADMIN_KEY_ENV} may hold only letters, digits and ._~+/-; choose another key")
+        self.shm_prefix = f"{SHM_PREFIX}{secrets.token_hex(6)}_"
         self.process: Optional[subprocess.Popen] = None
 
     # -- addresses ---------------------------------------------------------------------------
@@ -255,15 +286,27 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"{self._client_host}:{self.metrics_port}"
 
+    @property
+    def admin_headers(self) -> dict:
+        """HTTP headers that unlock the restricted APIs of this server."""
+        return {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def grpc_admin_headers(self) -> dict:
+        """gRPC metadata that unlocks them (Triton prefixes the key with ``triton-grpc-protocol-``)."""
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def command(self) -> list:
         """The full ``tritonserver`` command line (prepares the private backend directory)."""
         server = find_tritonserver()
+        restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
         return [
             str(server),
             f"--model-repository={self.repo.resolve()}",
             f"--backend-directory={prepare_backend_dir(self.cache_dir)}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--cache-directory={server.parent.parent / 'caches'}",
             f"--model-control-mode={self.model_control_mode}",
             "--exit-on-error=true",
@@ -271,8 +314,10 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_secs}",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
+            f"--http-restricted-api={restricted}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
+            f"--grpc-restricted-protocol={restricted}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             *self.extra_args,
@@ -289,6 +334,28 @@ class TritonServer:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
+
+    def stubs(self) -> list:
+        """The live python-backend stubs of this server (see :func:`list_stubs`)."""
+        return list_stubs(self.process.pid) if self.running else []
+
+    def shm_regions(self) -> list:
+        """This server's python-backend regions in /dev/shm."""
+        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+
+    def protect_shm(self) -> None:
+        """chmod this server's /dev/shm regions 0600 (the python backend creates them 0644)."""
+        for region in self.shm_regions():
+            try:
+                if region.stat().st_mode & 0o077:
+                    region.chmod(0o600)
+            except OSError:  # removed meanwhile
+                pass
+
+    def remove_shm(self) -> None:
+        """Remove this server's /dev/shm regions (only once its processes are gone)."""
+        for region in self.shm_regions():
+            region.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 15) -> str:
         """The last ``lines`` lines of the server log, without its wide status tables."""
@@ -311,6 +378,10 @@ class TritonServer:
 
     def _failure(self, problem: str) -> BertopsError:
         errors, tail = self.log_errors(), self.log_tail()
+        for line in errors:
+            in_use = _IN_USE.search(line)
+            if in_use:
+                return BertopsError(_in_use(in_use.group(2), in_use.group(3), in_use.group(1).lower()))
         hint = ""
         if "libpython" in tail:
             v = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -322,55 +393,70 @@ class TritonServer:
         )
 
     def start(self, timeout: float = 120.0) -> "TritonServer":
-        """Launch the server and wait until it reports ready; raise :class:`BertopsError` if it doesn't."""
+        """Launch the server and wait until it reports ready; raise :class:`BertopsError` if it doesn't.
+
+        Start it from a thread that outlives it (the main thread): the server gets SIGTERM when the
+        starting thread ends.
+        """
         if self.running:
             return self
         if not self.repo.is_dir():
             raise BertopsError(f"model repository {self.repo} is not a directory; pass the folder "
                                f"that holds one sub-folder per model.")
-        _check_numpy()
+        check_numpy()
         cmd, env = self.command(), server_env()
+        check_ports_free(self.host, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
+        remove_stale_shm()
         with open(self.log_path, "ab") as log:
             # A new session: Ctrl-C in a terminal does not reach the server twice, and stop() can
             # kill the Python backend stubs along with the server as one process group.
-            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self.is_ready():
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                self._reap_group()
-                raise self._failure(f"exited with code {code} while starting")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise self._failure(f"was not ready after {timeout:.0f} s")
-            time.sleep(0.2)
+            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True, preexec_fn=_die_with_parent_hook())
+        try:
+            deadline = time.monotonic() + timeout
+            while not self.is_ready():
+                self.protect_shm()
+                if self.process.poll() is not None:
+                    raise self._failure(f"exited with code {self.process.returncode} while starting")
+                if time.monotonic() > deadline:
+                    raise self._failure(f"was not ready after {timeout:.0f} s")
+                time.sleep(0.2)
+            self.protect_shm()
+        except BaseException:
+            self.stop(grace=2)
+            raise
         return self
 
-    def _reap_group(self) -> None:
-        """SIGKILL whatever is left of the server's process group (stray backend stubs)."""
+    def _reap_group(self, wait: float = 5.0) -> None:
+        """SIGKILL whatever is left of the server's process group and wait until it is gone."""
         if self.process is None:
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                return
+            if not group_members(self.process.pid) or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
     def stop(self, grace: Optional[float] = None) -> Optional[int]:
-        """SIGINT (Triton's graceful shutdown), then SIGKILL after ``grace`` seconds; returns the exit code.
+        """SIGINT (Triton's graceful shutdown), SIGKILL after ``grace`` s, remove the /dev/shm regions; the exit code.
 
-        ``grace`` defaults to the server's own drain time (``exit_timeout_secs``) plus 10 s.
+        ``grace`` defaults to the server's own drain time (``exit_timeout_secs``) plus 3 s.
         """
         if self.process is None:
             return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
-                self.process.wait(timeout=self.exit_timeout_secs + 10 if grace is None else grace)
+                self.process.wait(timeout=self.exit_timeout_secs + 3 if grace is None else grace)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         self._reap_group()
+        self.remove_shm()
         return self.process.returncode
 
     def __enter__(self) -> "TritonServer":
@@ -378,91 +464,3 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-# --------------------------------------------------------------------------------------------
-# perf_analyzer
-# --------------------------------------------------------------------------------------------
-
-
-def _perf_dir(cache_dir: Optional[Path]) -> Path:
-    return Path(cache_dir or default_cache_dir()) / "perf_analyzer" / PERF_ANALYZER_WHEEL_VERSION
-
-
-def _download_wheel(dest: Path) -> Path:
-    """The cached tritonclient 2.40.0 wheel, downloaded with this interpreter's pip if missing."""
-    wheels = sorted(dest.glob(f"tritonclient-{PERF_ANALYZER_WHEEL_VERSION}-*.whl"))
-    if wheels:
-        return wheels[0]
-    spec = f"tritonclient=={PERF_ANALYZER_WHEEL_VERSION}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec,
-           "-d", str(dest)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(dest.glob(f"tritonclient-{PERF_ANALYZER_WHEEL_VERSION}-*.whl"))
-    if done.returncode != 0 or not wheels:
-        raise BertopsError(
-            f"could not download the {spec} wheel that carries perf_analyzer "
-            f"(`{' '.join(cmd)}` failed: {(done.stderr or done.stdout).strip()[-500:]}); "
-            f"download it by hand into {dest}."
-        )
-    return wheels[0]
-
-
-def _perf_lib_dir(cache_dir: Optional[Path]) -> Path:
-    """Private library folder for perf_analyzer: ``libcudart.so.12`` and ``libb64.so.0d`` links.
-
-    Both libraries are vendored (renamed) in nvidia_pytriton.libs; perf_analyzer asks for them by
-    their plain sonames.  Without the vendored libb64, Debian/Ubuntu's ``libb64-0d`` package works.
-    """
-    lib = _perf_dir(cache_dir) / "lib"
-    lib.mkdir(parents=True, exist_ok=True)
-    vendored = _pytriton_libs()
-    for soname, pattern in (("libcudart.so.12", "libcudart-*.so.12*"), ("libb64.so.0d", "libb64-*.so.0d*")):
-        found = sorted(vendored.glob(pattern))
-        if found:
-            _ensure_symlink(lib / soname, found[0])
-    return lib
-
-
-def perf_analyzer_env(cache_dir: Optional[Path] = None, base: Optional[dict] = None) -> dict:
-    """Environment for running perf_analyzer: its private library folder first on ``LD_LIBRARY_PATH``."""
-    env = dict(os.environ if base is None else base)
-    env["LD_LIBRARY_PATH"] = _prepend(str(_perf_lib_dir(cache_dir)), env.get("LD_LIBRARY_PATH"))
-    return env
-
-
-def find_perf_analyzer(cache_dir: Optional[Path] = None) -> Path:
-    """Path of a working ``perf_analyzer`` (run it with :func:`perf_analyzer_env`).
-
-    The first call downloads the tritonclient 2.40.0 wheel (~12 MB) into the cache and unzips the
-    binary; every call checks that ``perf_analyzer --version`` actually runs.
-    """
-    base = _perf_dir(cache_dir)
-    binary = base / "bin" / "perf_analyzer"
-    if not binary.is_file():
-        base.mkdir(parents=True, exist_ok=True)
-        wheel = _download_wheel(base)
-        with zipfile.ZipFile(wheel) as zf:
-            members = [n for n in zf.namelist() if n.endswith(".data/data/bin/perf_analyzer")]
-            if not members:
-                raise BertopsError(f"{wheel} holds no perf_analyzer binary; delete it and retry.")
-            binary.parent.mkdir(parents=True, exist_ok=True)
-            tmp = binary.with_name(f".perf_analyzer.{os.getpid()}.tmp")
-            with zf.open(members[0]) as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-        tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-        os.replace(tmp, binary)
-
-    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                          env=perf_analyzer_env(cache_dir))
-    if done.returncode != 0 or "Perf Analyzer" not in done.stdout + done.stderr:
-        message = (done.stderr or done.stdout).strip()
-        if "libb64" in message:
-            fix = "install libb64: `apt-get install libb64-0d`"
-        elif "libcudart" in message:
-            fix = "put a libcudart.so.12 on LD_LIBRARY_PATH (`pip install nvidia-pytriton` ships one)"
-        else:
-            fix = f"delete {base} to download it again"
-        raise BertopsError(f"perf_analyzer at {binary} does not run ({message[-400:]}); {fix}.")
-    return binary

@@ -6,8 +6,9 @@ longest row), runs every bucket through ``NAME_encoder`` with a BLS call, and ap
 ``postprocess`` from ``bertops.tasks`` -- the very functions ``bertops.infer.Predictor.predict``
 uses, so the RESULT JSON equals the in-process answer for the same text.
 
-Outputs: RESULT (TYPE_STRING [1], JSON per row), plus EMBEDDING (embeddings) or LABEL and
-PROBABILITIES (sequence-classification).
+Outputs: RESULT (TYPE_STRING [1], JSON per row), plus the task's ``serve_outputs`` (e.g. EMBEDDING,
+or LABEL and PROBABILITIES). A task defined outside bertops is loaded from ``task_plugin.py`` next to
+this file (``bertops.artifacts.load_task``).
 """
 
 from pathlib import Path
@@ -16,12 +17,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from bertops.infer import length_buckets
-from bertops.triton.repository import (
+from bertops.triton.runtime import (
     ENCODER_INPUTS,
     TOKEN_LEVEL_INPUTS,
     decode_text_rows,
     load_postprocess,
     result_tensors,
+    row_char_cap,
     tensors_to_batch,
 )
 
@@ -39,6 +41,7 @@ class TritonPythonModel:
         self.encoder = self.meta["encoder"]
         self.encoder_outputs = list(self.meta["encoder_outputs"])
         self.max_batch = int(self.meta["max_batch_size"])
+        self.max_chars = row_char_cap(int(self.meta["max_length"]))  # what the tokenizer model read of each text
         self.labels = list(self.meta.get("labels", []))
         token_level = list(TOKEN_LEVEL_INPUTS) if self.meta["token_level"] else []
         self.inputs = list(ENCODER_INPUTS) + token_level + ["TRUNCATED"]
@@ -73,7 +76,8 @@ class TritonPythonModel:
                     if tensor is None:
                         raise ValueError(f"the request has no {name} input")
                     arrays[name] = tensor.as_numpy()
-                first, _ = decode_text_rows(pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy(), True)
+                text = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy()
+                first, _ = decode_text_rows(text, True, self.max_chars)
                 if len(first) != arrays["input_ids"].shape[0]:
                     raise ValueError(f"{len(first)} texts but {arrays['input_ids'].shape[0]} tokenized rows")
             except Exception as exc:
@@ -109,7 +113,7 @@ class TritonPythonModel:
             if i in failed:
                 responses[i] = _error(failed[i])
             else:
-                out = result_tensors(self.task.name, answers[start : start + n], self.labels)
+                out = result_tensors(self.task, answers[start : start + n], self.labels)
                 responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()])
             start += n
         return responses

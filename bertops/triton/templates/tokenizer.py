@@ -5,8 +5,10 @@ TEXT (TYPE_STRING [batch, 1], or [batch, 2] for pairs) -> input_ids, attention_m
 
 All texts of all requests in one dynamic batch go through the fast tokenizer together (one Rust call,
 parallel), with the same ``bertops.tokenizer.encode`` that ``bertops.infer`` uses; every request still
-gets its own response, padded only to its own longest row. A request with invalid UTF-8 or a bad
-shape gets an INVALID_ARG error of its own; the others in the batch are answered normally.
+gets its own response, padded only to its own longest row. A request with invalid UTF-8, a bad
+shape, or more TEXT bytes than ``max_request_bytes`` (bertops_model.json) gets an INVALID_ARG error
+of its own; the others in the batch are answered normally. Each text is read up to
+``bertops.triton.runtime.row_char_cap`` characters, so no request costs more than a full-length one.
 
 Needs bertops (and its numpy / tokenizers dependencies) installed in the python backend's environment.
 """
@@ -17,7 +19,14 @@ import triton_python_backend_utils as pb_utils
 
 from bertops.errors import BertopsError
 from bertops.tokenizer import load_tokenizer
-from bertops.triton.repository import decode_text_rows, load_model_meta, tokenize_requests
+from bertops.triton.runtime import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    check_request_bytes,
+    decode_text_rows,
+    load_model_meta,
+    row_char_cap,
+    tokenize_requests,
+)
 
 
 def _error(message):
@@ -34,6 +43,7 @@ class TritonPythonModel:
         self.max_length = int(self.meta["max_length"])
         self.pairs = bool(self.meta["pairs"])
         self.token_level = bool(self.meta["token_level"])
+        self.max_request_bytes = int(self.meta.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -43,7 +53,9 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, "TEXT")
                 if tensor is None:
                     raise BertopsError("the request has no TEXT input")
-                decoded.append(decode_text_rows(tensor.as_numpy(), self.pairs))
+                array = tensor.as_numpy()
+                check_request_bytes(array, self.max_request_bytes)
+                decoded.append(decode_text_rows(array, self.pairs, row_char_cap(self.max_length)))
                 owners.append(i)
             except BertopsError as exc:
                 responses[i] = _error(str(exc))

@@ -1,0 +1,63 @@
+"""``bertops info``: versions and hardware the runtime sees."""
+
+from __future__ import annotations
+
+import json
+import platform
+from typing import Annotated
+
+import typer
+
+from bertops.cli._common import command, out
+
+app = typer.Typer()
+
+
+def runtime_info() -> dict:
+    """Versions and hardware the runtime sees (what a bug report needs)."""
+    import onnx
+    import torch
+
+    from bertops import __version__
+
+    try:
+        import onnxruntime as ort
+
+        ort_version, providers = ort.__version__, ort.get_available_providers()
+    except ImportError:
+        ort_version, providers = "not installed (pip install 'bertops[cpu]' or 'bertops[gpu]')", []
+    try:
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    except Exception as exc:  # deepspeed's import can fail on odd machines; info must still print
+        ds_version = f"unavailable ({type(exc).__name__})"
+    return {
+        "bertops": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(),
+        "bf16_cpu": torch.backends.mkldnn.is_available(),
+        "onnx": onnx.__version__,
+        "onnxruntime": ort_version,
+        "onnxruntime_providers": providers,
+        "deepspeed": ds_version,
+    }
+
+
+@command(app, "info")
+def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False):
+    """Print versions, whether CUDA is present, and onnxruntime's execution providers."""
+    data = runtime_info()
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    for key, value in data.items():
+        table.add_row(f"[bold]{key}[/]", ", ".join(value) if isinstance(value, list) else str(value))
+    out.print(table)

@@ -1,0 +1,67 @@
+"""``bertops triton``: build and check Triton model repositories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bertops.cli._common import ConfigFile, choices, command, config_default, console, group, out, pick, value
+from bertops.errors import BertopsError
+
+app = group("Build and check Triton model repositories.")
+ADVANCED = "Advanced"
+Flavor = choices("Flavor", ["cpu", "gpu"])
+
+Repo = Annotated[Path, typer.Option("--repo", "-r", help="Model repository folder.")]
+
+
+@command(app, "build")
+def build(
+    export: Annotated[Path, typer.Option("--export", "-e", help="Export folder (`bertops export onnx --out`).")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Ensemble name clients call.")],
+    repo: Repo = Path("triton_models"),
+    flavor: Annotated[Flavor | None, typer.Option(
+        help=f"cpu: onnxruntime in the python backend; gpu: onnxruntime backend ({config_default('serve.flavor')}).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(
+        help=f"Largest batch each model accepts ({config_default('serve.max_batch_size')}).", rich_help_panel=ADVANCED)] = None,
+    instances: Annotated[int | None, typer.Option(
+        help=f"Instances per model, instance_group count ({config_default('serve.instances')}).",
+        rich_help_panel=ADVANCED)] = None,
+    max_queue_delay_us: Annotated[int | None, typer.Option(
+        help=f"Dynamic batcher queue delay in µs ({config_default('serve.max_queue_delay_us')}).",
+        rich_help_panel=ADVANCED)] = None,
+    max_length: Annotated[int | None, typer.Option(
+        help="Tokens per text before truncation (default: the model's position limit, at most 512).",
+        rich_help_panel=ADVANCED)] = None,
+    max_request_bytes: Annotated[int | None, typer.Option(
+        help=f"TEXT bytes one request may carry; larger requests are refused ({config_default('serve.max_request_bytes')}).",
+        rich_help_panel=ADVANCED)] = None,
+    config: ConfigFile = None,
+):
+    """Write NAME (ensemble), NAME_tokenizer, NAME_encoder and NAME_postprocess into the repository."""
+    from bertops.config import load_config
+    from bertops.triton.builder import build_repository
+
+    cfg = load_config(config).serve
+    flavor = pick(value(flavor), cfg.flavor)
+    path = build_repository(export, name, repo, flavor=flavor, max_batch_size=pick(max_batch_size, cfg.max_batch_size),
+                            instances=pick(instances, cfg.instances), preferred_batch_sizes=cfg.preferred_batch_sizes,
+                            max_queue_delay_us=pick(max_queue_delay_us, cfg.max_queue_delay_us), max_length=max_length,
+                            max_request_bytes=pick(max_request_bytes, cfg.max_request_bytes))
+    out.print(f"wrote {path} (+ {name}_tokenizer, {name}_encoder, {name}_postprocess; flavor {flavor}); "
+              f"serve with `bertops serve --repo {repo}`", highlight=False)
+
+
+@command(app, "validate")
+def validate(repo: Repo = Path("triton_models")):
+    """Parse every config.pbtxt with Triton's ModelConfig and check the wiring and ONNX graphs."""
+    from bertops.triton.validate import validate_repository
+
+    problems = validate_repository(repo)
+    if problems:
+        for problem in problems:
+            console.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+        raise BertopsError(f"{repo} has {len(problems)} problem(s); fix them or rebuild with `bertops triton build`")
+    out.print(f"{repo}: valid", highlight=False)
