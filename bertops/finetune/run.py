@@ -164,7 +164,7 @@ def finetune(
     from bertops.finetune.objectives import Collation
     from bertops.tokenizer import load_tokenizer
     from bertops.train.convert import fp32_state_dict
-    from bertops.train.dist import all_gather_object, barrier, broadcast_object, init_process_group
+    from bertops.train.dist import all_gather_object, barrier, init_process_group
     from bertops.train.dsconfig import zero_stage
     from bertops.train.engine import build_engine
     from bertops.train.metrics import MetricsLog
@@ -180,12 +180,7 @@ def finetune(
     init_process_group(world)
     say = RunLog(out_dir, world.is_main)
 
-    found = ckpt.Found(None, {}, ())
-    if resume:
-        found = broadcast_object(
-            ckpt.find_resumable(ckpt_dir, None if resume == "auto" else resume) if world.is_main else None)
-        for problem in found.skipped:
-            say(f"checkpoint {problem}; skipping it")
+    found = ckpt.resume_point(ckpt_dir, resume, world.is_main, say)
     meta = found.meta
     start = int(meta.get("step", 0))
     if found.tag and meta.get("task") != spec.name:

@@ -136,6 +136,24 @@ def set_aside(ckpt_dir: Path, broken: tuple[str, ...]) -> list[str]:
     return moved
 
 
+def resume_point(ckpt_dir: Path, resume: str | None, is_main: bool, say) -> Found:
+    """Where a run resumes (every rank gets rank 0's answer): ``resume`` is "auto", a tag, or empty.
+
+    Broken newer checkpoints are named in the run log and set aside, so later saves never mix with them.
+    """
+    from bertops.train.dist import barrier, broadcast_object
+
+    if not resume:
+        return Found(None, {}, ())
+    found = broadcast_object(find_resumable(ckpt_dir, None if resume == "auto" else resume) if is_main else None)
+    for problem in found.skipped:
+        say(f"checkpoint {problem}; skipping it")
+    if found.broken and is_main:
+        say(f"set aside as {', '.join(set_aside(ckpt_dir, found.broken))}")
+    barrier()
+    return found
+
+
 def check_same_model(meta: dict[str, Any], model: dict[str, Any], tag: str) -> None:
     """A checkpoint resumes only into the architecture that wrote it."""
     free = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attn_implementation")

@@ -30,7 +30,7 @@ from bertops.config import Config
 from bertops.errors import BertopsError
 from bertops.tasks import FILL_MASK, PRETRAINING
 from bertops.train import checkpoints as ckpt
-from bertops.train.dist import LAUNCHER_ENV, World, barrier, broadcast_object, init_process_group, world_from_env
+from bertops.train.dist import LAUNCHER_ENV, World, barrier, init_process_group, world_from_env
 from bertops.train.dsconfig import Precision, load_ds_config, resolve_precision, zero_stage
 
 FINAL_DIR = "final"
@@ -202,16 +202,7 @@ def _run(cfg: Config, plan: Plan, data_dir: str | Path, resume: str | None) -> P
     init_process_group(world)
     say = RunLog(run_dir, world.is_main)
 
-    found = ckpt.Found(None, {}, ())
-    if resume:
-        found = broadcast_object(
-            ckpt.find_resumable(ckpt_dir, None if resume == "auto" else resume) if world.is_main else None
-        )
-        for problem in found.skipped:
-            say(f"checkpoint {problem}; skipping it")
-        if found.broken and world.is_main:
-            say(f"set aside as {', '.join(ckpt.set_aside(ckpt_dir, found.broken))}")
-        barrier()
+    found = ckpt.resume_point(ckpt_dir, resume, world.is_main, say)
     meta = found.meta
     if found.tag:
         ckpt.check_same_model(meta, cfg.to_dict()["model"], found.tag)
