@@ -24,6 +24,10 @@ test-fast *args:
 bench-inference *args:
     python bench/inference.py {{args}}
 
+# bf16 on the CPU: onnxruntime fp32/int8 vs OpenVINO fp32/bf16 vs PyTorch bf16 (needs AVX512-BF16 or AMX)
+bench-bf16 *args:
+    python bench/bf16_paths.py {{args}}
+
 # Triton serving benchmark (perf_analyzer over concurrency)
 bench-serving *args:
     python bench/get_perf_analyzer.py > /dev/null

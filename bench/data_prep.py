@@ -6,9 +6,11 @@ worker start, tokenizer load and hash, manifest — are ~0.2 s). Both sides use 
 
   encode_batch       Tokenizer.encode_batch(documents) (Rust, all cores), ids read back: the baseline
   encode_batch_fast  the same without offsets (a stricter baseline)
-  prepare_workersN   read JSONL -> split sentences -> batch-encode -> NSP pairs -> Parquet + manifest
-                     (everything, from file to renamed output folder), with 1 process (the encode
-                     itself on all cores) and with --workers processes (default: one per core)
+  prepare_w{W}_d{D}  read JSONL -> split sentences -> batch-encode -> NSP pairs -> Parquet + manifest
+                     (everything, from file to renamed output folder) with W processes and D pairings
+                     per training document: W = 1 (the encode itself on all cores) and one per core,
+                     D = 1 (one pairing: the same output volume as the encode, the like-for-like
+                     figure) and DUPE_FACTOR; `bertops data prepare`'s default is W = default_workers()
 
 Reported: median wall and CPU seconds of --reps interleaved runs, MB of text per second, and
 prepare's throughput as a ratio of each baseline (target >= 0.8x encode_batch), with the CPU model
@@ -57,7 +59,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--tokenizer", default="all-MiniLM-L6-v2", help="tokenizer folder or bundled model name")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="also measure this many processes")
     ap.add_argument("--copies", type=int, default=4,
                     help="the corpus this many times over (both sides get the same text; fixed costs amortise)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -65,7 +67,8 @@ def main() -> None:
 
     from bertops.checkpoint import resolve_model_dir
     from bertops.data.corpus import wikipedia_corpus
-    from bertops.data.prepare import iter_documents, prepare
+    from bertops.data.pairs import DUPE_FACTOR
+    from bertops.data.prepare import default_workers, iter_documents, prepare
     from bertops.tokenizer import load_tokenizer
 
     tok_dir = resolve_model_dir(args.tokenizer)
@@ -85,22 +88,24 @@ def main() -> None:
         return sum(len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False))
 
     tokens = encode_batch()
+    defaults = (default_workers(), DUPE_FACTOR)
     results = {"cpu": cpu_name(), "cores": os.cpu_count(), "copies": args.copies, "documents": len(texts),
-               "text_mb": round(mb, 3),
-               "tokens": tokens, "seq_len": args.seq_len, "workers": args.workers, "reps": args.reps, "seconds": {}}
-    def run_prepare(workers: int):
-        return lambda: prepare([corpus], tok_dir, work / "shards", args.seq_len, workers=workers, overwrite=True,
-                               progress=False)
+               "text_mb": round(mb, 3), "tokens": tokens, "seq_len": args.seq_len, "reps": args.reps,
+               "default_workers": defaults[0], "default_dupe_factor": defaults[1], "seconds": {}}
+
+    def run_prepare(workers: int, dupe: int):
+        return lambda: prepare([corpus], tok_dir, work / "shards", args.seq_len, workers=workers, dupe_factor=dupe,
+                               overwrite=True, progress=False)
 
     fns = {"encode_batch": encode_batch, "encode_batch_fast": encode_batch_fast}
-    for workers in sorted({1, args.workers}):
-        fns[f"prepare_workers{workers}"] = run_prepare(workers)
+    for workers, dupe in sorted({(w, d) for w in (1, args.workers) for d in (1, defaults[1])} | {defaults}):
+        fns[f"prepare_w{workers}_d{dupe}"] = run_prepare(workers, dupe)
     try:
-        manifest = run_prepare(args.workers)()
+        examples = {f"d{d}": run_prepare(defaults[0], d)()["counts"]["examples"] for d in sorted({1, defaults[1]})}
         wall, cpu = measure(fns, args.reps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["examples"] = manifest["counts"]["examples"]
+    results["examples"] = examples
     results["seconds"], results["cpu_seconds"] = wall, cpu
     results["load_average"] = os.getloadavg()
     results["mb_per_s"] = {k: round(mb / v, 2) for k, v in wall.items()}
@@ -111,11 +116,12 @@ def main() -> None:
     results["throughput_ratio"] = ratios
 
     print(f"CPU: {results['cpu']} ({results['cores']} cores, load {results['load_average'][0]:.1f}); "
-          f"{len(texts)} documents, {mb:.1f} MB, {tokens} tokens -> {results['examples']} pairs")
+          f"{len(texts)} documents, {mb:.1f} MB, {tokens} tokens -> pairs {results['examples']}; "
+          f"defaults: {defaults[0]} worker(s), dupe factor {defaults[1]}")
     for k in wall:
         print(f"  {k:18s} wall {wall[k]:6.3f} s  {results['mb_per_s'][k]:6.2f} MB/s   cpu {cpu[k]:6.3f} s")
     for k, r in ratios.items():
-        print(f"  throughput {k:40s} {r['wall']:.2f}x wall  {r['cpu']:.2f}x per CPU second  (target >= 0.8x)")
+        print(f"  throughput {k:36s} {r['wall']:.2f}x wall  {r['cpu']:.2f}x per CPU second  (target >= 0.8x)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

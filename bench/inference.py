@@ -7,12 +7,15 @@ Paths (all fp32 on the CPU unless --providers says otherwise):
   ort-optimized the same file after onnxruntime.transformers.optimizer (fused BERT ops)
   bertops       `bertops export onnx` + `bertops.infer` (fused graph + length grouping)
   bertops-padded  the same export with one padded run per batch (shows what grouping buys)
+  bertops-int8  `bertops export onnx --precision int8` (dynamic per-channel int8, accuracy-gated) + `bertops.infer`
+  bertops-bf16  `--precision bf16` (OpenVINO, gated) where the CPU has native bf16 (skipped with --no-int8 too)
 
 Workloads: latency at batch 1 x 128 tokens (median of --reps runs), and throughput at batch 32 of
 real sentences of variable length (the bundled sentences, 8 batches, padded to each batch's
 longest for the padded paths). Every path starts from text, so tokenization is included.
 Ratios are against hf-eager measured in the same run. Also prints the GEMM floor: the time the
-real (unpadded) tokens' FLOPs would take at this machine's measured fp32 matmul rate.
+real (unpadded) tokens' FLOPs would take at this machine's measured fp32 matmul rate; the int8 row is
+also given as a ratio to bertops fp32 and to that fp32 floor, with the int8 export's accuracy-gate figures.
 
     python bench/inference.py --out bench/results/inference.json
 """
@@ -46,7 +49,7 @@ def cpu_name() -> str:
     except OSError:
         return platform.machine()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = sorted({f for f in info.split() if f.startswith(("avx512f", "avx512_bf16", "amx"))})
+    flags = sorted({f for f in info.split() if f.startswith(("avx512f", "avx512_bf16", "avx512_vnni", "amx"))})
     return f"{name} ({', '.join(flags)})" if flags else name
 
 
@@ -94,6 +97,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=10, help="timed b1 calls per path per cycle")
     ap.add_argument("--batches", type=int, default=8, help="batches of 32 real sentences")
     ap.add_argument("--providers", default="CPUExecutionProvider")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 and bf16 exports and their rows")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/inference.json")
     args = ap.parse_args()
 
@@ -184,6 +188,20 @@ def main() -> None:
         pred = load_predictor(export_dir, providers=providers, group_by_length=grouped)
         pred128 = load_predictor(export_dir, providers=providers, max_length=128, group_by_length=grouped)
         record(name, lambda p=pred128: p.predict([long_text]), lambda b, p=pred: p.predict(b, batch_size=32))
+    int8_report = None
+    if not args.no_int8:
+        int8_dir = work / "bertops-int8"
+        int8_report = export_onnx(model_dir, "embeddings", int8_dir, precision="int8")
+        pred = load_predictor(int8_dir, providers=providers)
+        pred128 = load_predictor(int8_dir, providers=providers, max_length=128)
+        record("bertops-int8", lambda p=pred128: p.predict([long_text]), lambda b, p=pred: p.predict(b, batch_size=32))
+    from bertops.runtimes import bf16_unsupported, cpu_flags
+
+    if not args.no_int8 and bf16_unsupported(cpu_flags()) is None:  # bf16 where the CPU has it natively
+        bf16_dir = work / "bertops-bf16"
+        export_onnx(model_dir, "embeddings", bf16_dir, precision="bf16")
+        pred, pred128 = load_predictor(bf16_dir), load_predictor(bf16_dir, max_length=128)
+        record("bertops-bf16", lambda p=pred128: p.predict([long_text]), lambda b, p=pred: p.predict(b, batch_size=32))
 
     # Timing in rotating blocks: every cycle runs a block of calls of every path in turn, so load
     # from other processes on a shared machine hits all paths alike, while each block is long
@@ -225,6 +243,14 @@ def main() -> None:
         }
         for name, r in results.items()
     }
+    for name, r in summary.items():
+        r["b1x128_vs_fp32_floor"] = round(r["b1x128_ms"] / floor_b1, 2)
+        r["b32_var_vs_fp32_floor"] = round(r["b32_var_ms"] / floor_ms, 2)
+    for name in ("bertops-int8", "bertops-bf16"):
+        if name in summary:
+            fp32, low = results["bertops"], summary[name]
+            low["speedup_b1x128_vs_bertops_fp32"] = round(fp32["b1x128_ms"] / low["b1x128_ms"], 2)
+            low["speedup_b32_var_vs_bertops_fp32"] = round(fp32["b32_var_ms"] / low["b32_var_ms"], 2)
     out = {
         "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                     "providers": providers, "python": platform.python_version()},
@@ -238,6 +264,9 @@ def main() -> None:
         "fused": report.get("fused"),
         "results": summary,
     }
+    if int8_report is not None:
+        out["int8"] = {"accuracy_gate": int8_report["accuracy_gate"],
+                       "fp32_parts": int8_report["int8"]["fp32_parts"], "weights": int8_report["int8"]["weights"]}
     print(json.dumps(out, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

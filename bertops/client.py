@@ -6,7 +6,7 @@
 ...     c.classify("sentiment", ["great film"])[0]["label"]
 ...     c.ner("ner", ["John lives in Paris"])[0]              # [{"entity": "PER", "start": 0, ...}]
 
-Every answer is the JSON the ensemble returns in ``RESULT``: for each text exactly the dict
+Every answer is the JSON the served model returns in ``RESULT``: for each text exactly the dict
 ``bertops.infer.Predictor.predict`` gives in-process (``"truncated"`` included). Many texts are sent
 in requests of at most the model's ``max_batch_size`` rows. Problems (no server at the URL, model
 missing or not ready, a request the server rejects) raise a one-line :class:`BertopsError`.
@@ -68,7 +68,7 @@ def text_tensor(texts: Sequence[str | bytes], pairs: Sequence[str | bytes] | Non
 
 
 class Client:
-    """``Client(url, protocol="http")``: predictions from bertops ensembles on a Triton server."""
+    """``Client(url, protocol="http")``: predictions from bertops models on a Triton server."""
 
     def __init__(self, url: str | None = None, protocol: str = "http", timeout: float = 60.0, verbose: bool = False):
         self.protocol = protocol

@@ -189,15 +189,34 @@ class ExportConfig:
     """ONNX export settings (``bertops export onnx``)."""
 
     task: str = tasks.EMBEDDINGS.name  # which head's outputs the graph exposes (a registered task)
-    precision: str = "fp32"  # "fp32" or "fp16" (fp16 pays off on CUDA only)
+    precision: str = "fp32"  # fp32, fp16 (CUDA), int8 (CPU), bf16 (CPU with AVX512-BF16/AMX, on OpenVINO)
     opset: int = 17  # ONNX opset; 17 is what onnxruntime's BERT fusions are written against
     max_seq_len: int = 128  # longest input the exported model is checked and benchmarked at
     parity_atol: float = 1e-4  # PyTorch vs onnxruntime gate (fp32)
+    # Accuracy gate of reduced precisions against the fp32 graph on real text (bertops.accuracy).
+    gate_min_mean_cosine: float = 0.99  # embeddings: mean cosine to fp32
+    gate_min_cosine: float = 0.97  # embeddings: the worst sentence's cosine to fp32
+    gate_min_agreement: float = 0.99  # labels (and fill-mask top-1 tokens) identical to fp32
+    gate_max_drop: float = 0.5  # points: entity F1 against fp32's spans, and the eval_data main metric
+    eval_data: str | None = None  # labelled file (fine-tuning formats): gate the task's main metric too
+    # int8 (bertops.quantize): dynamic quantization; the defaults are what measured best (see there).
+    int8_per_channel: bool = True  # per-output-channel weight scales; per-tensor lost accuracy (MiniLM cos 0.96)
+    int8_reduce_range: bool = False  # 7-bit weights; measured worse on MiniLM
+    int8_fp32_parts: tuple[str, ...] = ("embeddings", "head")  # kept fp32 from the start (also layer.N)
+    int8_max_fp32_share: float = 0.5  # at most this share of layers falls back to fp32 to pass the gate; 0: none
 
     def validate(self) -> None:
+        from bertops.precision import PRECISIONS  # the registry (numpy-only module; imports this one)
+
         _check_task("export.task", self.task)
-        if self.precision not in ("fp32", "fp16"):
-            raise BertopsError(f"export.precision={self.precision!r} is unknown; use fp32 or fp16")
+        if self.precision not in PRECISIONS:
+            raise BertopsError(f"export.precision={self.precision!r} is unknown; use {', '.join(PRECISIONS)}")
+        if not 0 <= self.int8_max_fp32_share <= 1:
+            raise BertopsError("export.int8_max_fp32_share must be within 0..1 (a share of the layers)")
+        if not (0 <= self.gate_min_cosine <= 1 and 0 <= self.gate_min_mean_cosine <= 1 and 0 <= self.gate_min_agreement <= 1):
+            raise BertopsError("export.gate_min_* must be within 0..1")
+        if self.gate_max_drop < 0:
+            raise BertopsError("export.gate_max_drop is in points and must be at least 0")
 
 
 @dataclass(frozen=True)
@@ -205,6 +224,7 @@ class ServeConfig:
     """Triton repository and server settings (``bertops triton build`` / ``bertops serve``)."""
 
     flavor: str = "cpu"  # "cpu": encoder in a python-backend model; "gpu": Triton's onnxruntime backend
+    pipeline: str = "single"  # "single": one python model per task; "ensemble": tokenizer -> postprocess (+ encoder)
     max_batch_size: int = 32  # largest batch a model accepts
     instances: int = 2  # model instances per model; two let a short request run beside a long one (issue: stalls)
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)  # dynamic batcher targets
@@ -220,6 +240,8 @@ class ServeConfig:
             raise BertopsError("serve.max_request_bytes must be at least 1")
         if self.flavor not in ("cpu", "gpu"):
             raise BertopsError(f"serve.flavor={self.flavor!r} is unknown; use cpu or gpu")
+        if self.pipeline not in ("single", "ensemble"):
+            raise BertopsError(f"serve.pipeline={self.pipeline!r} is unknown; use single or ensemble")
         if self.max_batch_size < 1 or self.instances < 1:
             raise BertopsError("serve.max_batch_size and serve.instances must be at least 1")
         if any(b > self.max_batch_size for b in self.preferred_batch_sizes):

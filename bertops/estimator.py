@@ -2,7 +2,7 @@
 
 >>> est = bertops.Estimator(task=bertops.tasks.TOKEN_CLASSIFICATION.name, model="all-MiniLM-L6-v2", config=cfg,
 ...                         out_dir="runs/pos")                                   # doctest: +SKIP
->>> est.train("train.conll", eval_input="dev.conll", epochs=2)                    # doctest: +SKIP
+>>> est.train("train.conll", eval_input="dev.conll", epochs=2)  # dev picks final/  # doctest: +SKIP
 >>> est.evaluate("test.conll")          # {"loss": ..., "accuracy": ..., "f1": ...} # doctest: +SKIP
 >>> est.predict(["John lives in Paris."])  # [{"entities": [...], "truncated": False}] # doctest: +SKIP
 >>> est.export("exports/pos")           # ONNX + parity gate                       # doctest: +SKIP
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from bertops.config import Config, apply_overrides, config_from_dict, load_config
-from bertops.data.labeled import Columns, check_labels, example_kind, examples_from
+from bertops.data.labeled import Columns, example_kind, examples_from
 from bertops.errors import BertopsError
 from bertops.tasks import Task, get_task
 
@@ -111,38 +111,34 @@ class Estimator:
 
     # --- the four verbs ---------------------------------------------------------------------------
 
-    def train(self, input: Input, eval_input: Input | None = None, *, epochs: float | None = None,
-              resume: str | None = None):
+    def train(self, input: Input, eval_input: Input | None = None, *, test_input: Input | None = None,
+              epochs: float | None = None, resume: str | None = None):
         """Fine-tune from ``model`` into ``out_dir``; afterwards this estimator predicts with ``out_dir/final``.
 
-        Returns :class:`bertops.finetune.run.FinetuneResult` (steps, evals, best, timings).
+        ``eval_input`` is validation data: scored at every checkpoint, it picks ``final/``. ``test_input``
+        is scored once, on ``final/`` after training, and picks nothing (``result.test``, a ``test_*``
+        row in metrics.jsonl). Returns :class:`bertops.finetune.run.FinetuneResult` (steps, evals, best,
+        test, timings).
         """
         from bertops.finetune.run import finetune
 
         train_examples = self.examples(input)
         eval_examples = self.examples(eval_input) if eval_input is not None else None
+        test_examples = self.examples(test_input) if test_input is not None else None
         result = finetune(self.config, self.task.name, self.model_dir, train_examples, eval_examples, self.out_dir,
-                          ds_config_path=self.deepspeed, resume=resume, new_head=self.new_head, epochs=epochs)
+                          ds_config_path=self.deepspeed, resume=resume, new_head=self.new_head, epochs=epochs,
+                          test_examples=test_examples)
         self.result, self.model_dir, self._predictor = result, result.final_dir, None
         return result
 
     def evaluate(self, input: Input, batch_size: int | None = None) -> dict[str, float]:
         """The task's metrics (and mean loss) of the current model on ``input``, in this process (fp32)."""
-        from bertops.checkpoint import load_model
-        from bertops.finetune.loop import evaluate
-        from bertops.finetune.objectives import Collation
-        from bertops.tokenizer import load_tokenizer
+        from bertops.finetune.loop import eval_batch_size, evaluate_folder
 
         if self.task.metrics is None or self.task.collate is None:
             raise BertopsError(f"task {self.task.name} has no metrics / collate; it cannot be evaluated")
-        examples = self.examples(input)
-        model, cfg = load_model(self.model_dir, self.task.name)
-        labels = cfg.labels() if self.task.needs_labels else []
-        if labels:
-            check_labels(examples, self.kind, labels, f"labels of {self.model_dir}")
-        ctx = Collation(load_tokenizer(self.model_dir), tuple(labels), self.config.data.max_seq_len)
-        size = batch_size or max(self.config.train.micro_batch_size, 16)
-        return evaluate(model.eval(), self.task, examples, ctx, size)
+        size = batch_size or eval_batch_size(self.config)
+        return evaluate_folder(self.model_dir, self.task, self.examples(input), self.config.data.max_seq_len, size)
 
     def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None, batch_size: int = 32) -> list[dict]:
         """Answers of the task's post-processing, one dict per text (the same as bertops.infer and Triton)."""

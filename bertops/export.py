@@ -36,7 +36,6 @@ Gotchas handled here (they cost silent unfused or wrong graphs otherwise):
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import os
@@ -53,24 +52,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertops.artifacts import check_exportable, path_under, writable_out_dir, write_export
+from bertops.artifacts import check_exportable, path_under, task_info, writable_out_dir, write_export
 from bertops.checkpoint import check_checkpoint_dir, load_model
-from bertops.config import ExportConfig, ModelConfig
+from bertops.config import ExportConfig
 from bertops.data.corpus import bundled_sentences as sentences
 from bertops.errors import BertopsError
 from bertops.infer import ort_session, physical_cores
 from bertops.model import ATTENTION_FUNCTIONS, BertSelfAttention
-from bertops.numerics import compare, fused_counts, io_signature, median_ms, node_counts, worst
+from bertops.numerics import compare, io_signature, median_ms, node_counts, worst
+from bertops.precision import INPUT_NAMES, Candidate, check_structure, get_precision
 from bertops.tasks import Task, get_task
 from bertops.tokenizer import encode, load_tokenizer
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 TORCHSCRIPT_OPSETS = range(14, 18)  # TorchScript exporter + onnxruntime.transformers fusion
 DYNAMO_OPSETS = range(23, 26)  # torch.export-based exporter, standard ONNX Attention op
 DEFAULT_OPSET = ExportConfig.opset
-PRECISIONS = ("fp32", "fp16")
 FP32_ATOL = ExportConfig.parity_atol
-FP16_ATOL = 2e-2
 
 Progress = Callable[[str], None] | None
 
@@ -151,25 +148,6 @@ def check_opset(opset: int) -> str:
     if opset < DYNAMO_OPSETS.start:
         raise BertopsError(f"opset {opset} exports without fused attention (onnxruntime does not fuse it); {ranges}")
     raise BertopsError(f"opset {opset} is newer than this toolchain exports correctly; {ranges}")
-
-
-def _check_structure(model, task: Task, cfg: ModelConfig, path: str, where: str) -> dict[str, int]:
-    """Names exactly as promised, int64 inputs, and one fused attention node per layer."""
-    got_in = [v.name for v in model.graph.input]
-    got_out = [v.name for v in model.graph.output]
-    if got_in != list(INPUT_NAMES) or got_out != list(task.outputs):
-        raise BertopsError(
-            f"the {where} graph has inputs {got_in} and outputs {got_out}, expected {list(INPUT_NAMES)} -> "
-            f"{list(task.outputs)}; this is an exporter bug, retry with --opset {DEFAULT_OPSET}"
-        )
-    fused = fused_counts(model)
-    if fused["attention"] != cfg.num_hidden_layers:
-        raise BertopsError(
-            f"the {path} export has {fused['attention']} fused attention nodes for {cfg.num_hidden_layers} layers "
-            f"({where} graph); onnxruntime would run unfused attention, so it is refused; use --opset "
-            f"{DEFAULT_OPSET} (TorchScript + onnxruntime fusion) or 23-25"
-        )
-    return fused
 
 
 # --- export paths -----------------------------------------------------------------------------------
@@ -274,7 +252,7 @@ def parity_batches(tok, task: Task, max_seq_len: int) -> list[dict[str, np.ndarr
     return [b.arrays() for b in batches]
 
 
-def _gate(figures: dict[str, dict[str, float]], atol: float, what: str) -> None:
+def gate_parity(figures: dict[str, dict[str, float]], atol: float, what: str) -> None:
     name, value = worst(figures)
     if not value <= atol:  # also catches NaN
         raise BertopsError(
@@ -307,21 +285,6 @@ def measure_latency(model, session, tok, max_seq_len: int, runs: int = 5) -> dic
     return out
 
 
-# --- fp16 -------------------------------------------------------------------------------------------
-
-
-def _to_fp16(onnx_model, path: Path, symbolic_shapes: bool) -> None:
-    """Weights and activations fp16; inputs/outputs keep their types (int64 in, fp32 out).
-
-    The fused graph (com.microsoft ops) needs onnxruntime's symbolic shape inference for the type
-    information; the dynamo graph needs ONNX's own (the symbolic one does not know the opset-23
-    Attention op and would print "failed in shape inference").
-    """
-    with _quiet(), contextlib.redirect_stdout(io.StringIO()):
-        onnx_model.convert_float_to_float16(keep_io_types=True, use_symbolic_shape_infer=symbolic_shapes)
-        onnx_model.save_model_to_file(str(path))
-
-
 # --- the library entry point ------------------------------------------------------------------------
 
 
@@ -335,21 +298,21 @@ def export_onnx(
     progress: Progress = None,
     *,
     atol: float = FP32_ATOL,
-    fp16_atol: float = FP16_ATOL,
+    config: ExportConfig | None = None,
 ) -> dict[str, Any]:
     """Export the checkpoint in ``model_dir`` as ``task`` to ``out_dir``; return the report.
 
     ``out_dir`` receives the export folder (:mod:`bertops.artifacts`: model.onnx, tokenizer files,
     config.json, labels.json, task_plugin.py, export_report.json) only once every check passed.
-    ``task`` is any registered task's name. ``progress`` gets step messages.
+    ``task`` is any registered task's name. ``progress`` gets step messages. ``config`` carries the
+    accuracy-gate limits and int8 options of reduced precisions (:mod:`bertops.precision`).
     """
     import onnx
     import onnxruntime as ort
 
     task_name, task = task, get_task(task)
     check_exportable(task)
-    if precision not in PRECISIONS:
-        raise BertopsError(f"precision {precision!r} is unknown; use fp32 or fp16")
+    to_precision = get_precision(precision)
     path = check_opset(int(opset))
     model_dir = check_checkpoint_dir(model_dir)
     out_dir = writable_out_dir(out_dir)
@@ -389,7 +352,7 @@ def export_onnx(
             _say(progress, "checking the graph")
             fp32_model = onnx.load(str(fp32_path))
             onnx.checker.check_model(fp32_model, full_check=True)
-            fused = _check_structure(fp32_model, task, cfg, path, "fp32")
+            fused = check_structure(fp32_model, task, cfg, path, "fp32")
             counts = node_counts(fp32_model)
 
             batches = parity_batches(tok, task, max_seq_len)
@@ -397,7 +360,7 @@ def export_onnx(
             _say(progress, f"parity: PyTorch vs onnxruntime CPU on {n_seq} real sentences")
             session = ort_session(fp32_path)
             figures = compare(model, session, task, batches)
-            _gate(figures, atol, "fp32")
+            gate_parity(figures, atol, "fp32")
 
             parity: dict[str, Any] = {
                 "atol": atol,
@@ -409,42 +372,14 @@ def export_onnx(
                 "outputs": figures,
             }
 
-            final_model = fp32_model
-            if precision == "fp16":
-                _say(progress, "converting to fp16")
-                _to_fp16(om, partial, symbolic_shapes=path == "torchscript")
-                final_model = onnx.load(str(partial))
-                onnx.checker.check_model(final_model, full_check=True)
-                _check_structure(final_model, task, cfg, path, "fp16")
-                if any(v["dtype"] != "float32" for v in io_signature(final_model)["outputs"]):
-                    raise BertopsError("the fp16 graph's outputs are not float32; this is a bug, export fp32 instead")
-                fp16_counts = node_counts(final_model)
-                # Structural smoke test: onnxruntime's CPU provider loads the fp16 graph (type-checking
-                # every node) and runs one batch. Its numbers are informational only: CPU fp16 kernels
-                # are not what the fp16 graph is for, so the 2e-2 gate needs CUDA.
-                cpu16 = compare(model, ort_session(partial), task, batches[:1])
-                if not all(np.isfinite(v["max_abs"]) for v in cpu16.values()):
-                    raise BertopsError(
-                        "the fp16 graph gives non-finite outputs on onnxruntime CPU; export fp32 instead"
-                    )
-                parity["fp16_cpu_smoke"] = {"ran": True, "sequences": len(batches[0]["input_ids"]), "outputs": cpu16}
-                if "CUDAExecutionProvider" in ort.get_available_providers():
-                    _say(progress, "fp16 parity on the CUDA execution provider")
-                    cuda = ort_session(partial, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-                    fp16_figures = compare(model, cuda, task, batches)
-                    _gate(fp16_figures, fp16_atol, "fp16 (CUDA)")
-                    parity["fp16_parity"] = {
-                        "atol": fp16_atol,
-                        "provider": "CUDAExecutionProvider",
-                        "outputs": fp16_figures,
-                    }
-                else:
-                    parity["fp16_parity"] = "not run: no CUDA execution provider"
-            else:
-                shutil.copyfile(fp32_path, partial)
+            candidate = Candidate(fp32_path, partial, om, model, task, cfg, tok, task_info(model_dir, cfg.labels()), path,
+                                  batches, max_seq_len, config or ExportConfig(), progress)
+            extra = to_precision(candidate)
+            parity.update(extra.pop("parity", {}))
+            final_model = fp32_model if precision == "fp32" else onnx.load(str(partial), load_external_data=False)
 
             _say(progress, "measuring latency (PyTorch eager / sdpa vs onnxruntime)")
-            # fp16 graphs are for CUDA; on the CPU the fp32 graph is what gets served, so it is timed.
+            # The fp32 graph is timed (fp16 is for CUDA; bench/inference.py times int8 beside fp32).
             latency = measure_latency(model, session, tok, max_seq_len)
             latency["onnxruntime_graph"] = "fp32"
             latency["onnxruntime_threads"] = physical_cores()
@@ -464,7 +399,7 @@ def export_onnx(
                 "num_attention_heads": cfg.num_attention_heads,
                 "hidden_size": cfg.hidden_size,
                 "raw_node_count": raw_nodes,
-                "node_counts": node_counts(final_model) if precision == "fp16" else counts,
+                "node_counts": node_counts(final_model),
                 "fp32_node_counts": counts,
                 "fused": fused,
                 "io": io_signature(final_model),
@@ -481,8 +416,7 @@ def export_onnx(
                 import onnxscript
 
                 report["versions"]["onnxscript"] = onnxscript.__version__
-            if precision == "fp16":
-                report["fp16_node_counts"] = fp16_counts
+            report.update(extra)
 
             _say(progress, f"writing {out_dir}")
             report["seconds"] = round(time.perf_counter() - started, 2)

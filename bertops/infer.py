@@ -1,25 +1,26 @@
-"""In-process inference on an exported model with onnxruntime, length-aware.
+"""In-process inference on an exported model with onnxruntime (OpenVINO for bf16 exports), length-aware.
 
 A batch of real texts is mostly padding when padded to its longest member (59% on the bundled
 sentences at batch 32), and fused attention kernels still compute the padding. So a batch is
 tokenized once, its rows are **grouped by length** (:func:`length_buckets`), each group is padded
 only to its own longest and run separately, and the answers are put back in input order.
-The Triton ``*_postprocess`` model groups its rows with the same function before calling the encoder,
-so serving gets the same savings and the same answers.
+The Triton model of a task calls :meth:`Predictor.answer` (``single`` pipeline) or groups its rows with
+the same function before calling the encoder (``ensemble``), so serving gets the same savings and answers.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bertops.artifacts import MODEL_FILE, read_export
+from bertops.artifacts import MODEL_FILE, Export, read_export
 from bertops.errors import BertopsError
+from bertops.runtimes import OPENVINO, OpenVINOSession, Runtime, export_runtime
 from bertops.tasks import Task, TaskInfo
 from bertops.tokenizer import Batch, encode, load_tokenizer
 
@@ -140,18 +141,27 @@ class Predictor:
         for lo in range(0, len(texts), 1024):  # bounds tokenizer memory on huge inputs
             chunk = texts[lo : lo + 1024]
             batch = self.encode(chunk, None if pairs is None else list(pairs)[lo : lo + 1024])
-            groups = (
-                length_buckets(batch.lengths, max_batch=batch_size)
-                if self.group_by_length
-                else [list(range(i, min(i + batch_size, len(chunk)))) for i in range(0, len(chunk), batch_size)]
+            results[lo : lo + len(chunk)] = self.answer(batch, chunk, batch_size, info)
+        return results  # type: ignore[return-value]
+
+    def answer(self, batch: Batch, texts: Sequence[str], batch_size: int = 64, info: TaskInfo | None = None) -> list[dict]:
+        """Answers for the rows of a tokenized ``batch`` (``texts``: its first texts, which token-level
+        answers slice): rows grouped by length, each group run and post-processed. The Triton model of the
+        ``single`` pipeline calls this too, so served and in-process answers come from one code path."""
+        info = info or self.info
+        groups = (
+            length_buckets(batch.lengths, max_batch=batch_size)
+            if self.group_by_length
+            else [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
+        )
+        results: list[dict | None] = [None] * len(texts)
+        for rows in groups:
+            sub = batch.select(rows)
+            answers = self.task.postprocess(
+                self.run(sub), sub.input_ids, sub.offsets, sub.word_ids, [texts[i] for i in rows], info
             )
-            for rows in groups:
-                sub = batch.select(rows)
-                answers = self.task.postprocess(
-                    self.run(sub), sub.input_ids, sub.offsets, sub.word_ids, [chunk[i] for i in rows], info
-                )
-                for i, answer in zip(rows, answers):
-                    results[lo + i] = {**answer, "truncated": batch.truncated[i]}
+            for i, answer in zip(rows, answers):
+                results[i] = {**answer, "truncated": batch.truncated[i]}
         return results  # type: ignore[return-value]
 
 
@@ -168,8 +178,38 @@ def load_predictor(
     yet (:func:`bertops.artifacts.load_task`: that runs the plugin's code).
     """
     export = read_export(export_dir)
-    session = ort_session(Path(export_dir) / MODEL_FILE, providers, threads)
+    session = open_session(export, providers, threads)
     return Predictor(session, load_tokenizer(export_dir), export.task, export.info, max_length, group_by_length)
+
+
+def open_session(export: str | Path | Export, providers: Sequence[str] | None = None, threads: int | None = None):
+    """The session that runs an export folder's graph, whatever its runtime: onnxruntime
+    (:func:`ort_session`), or OpenVINO's CPU plugin for a bf16 export (:mod:`bertops.runtimes`).
+    Returns an object with onnxruntime's ``run(names, feeds) -> [arrays]``, ``get_inputs``, ``get_outputs``.
+    """
+    export = export if isinstance(export, Export) else read_export(export)
+    return open_model(export.folder / MODEL_FILE, export_runtime(export.report), providers, threads)
+
+
+def open_model(
+    onnx_path: str | Path,
+    runtime: Runtime | Mapping[str, str] | None = None,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+):
+    """A graph file under the runtime an export names (``export_report.json`` -> ``"runtime"``, or
+    :func:`bertops.runtimes.export_runtime`'s ``as_dict()``; None: onnxruntime). In-process prediction
+    (:func:`open_session`) and the Triton models both open graphs here, so they cannot drift apart."""
+    if runtime is not None and not isinstance(runtime, Runtime):
+        runtime = export_runtime({"runtime": runtime})
+    if runtime is not None and runtime.name == OPENVINO:
+        if providers and list(providers) != ["CPUExecutionProvider"]:
+            raise BertopsError(
+                f"{onnx_path} is a {runtime.precision} export that runs on OpenVINO's CPU plugin, not on "
+                f"{providers[0]}; export with --precision fp16 for the GPU"
+            )
+        return OpenVINOSession(onnx_path, runtime.precision, threads or physical_cores())
+    return ort_session(onnx_path, providers, threads)
 
 
 def predict_file(

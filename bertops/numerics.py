@@ -19,9 +19,10 @@ if TYPE_CHECKING:  # pragma: no cover
 # (domain, op_type) of fused nodes, by kind. "" is the default ONNX domain.
 MS = "com.microsoft"
 FUSED_KINDS: dict[str, tuple[tuple[str, str], ...]] = {
-    "attention": ((MS, "Attention"), (MS, "MultiHeadAttention"), ("", "Attention"), ("ai.onnx", "Attention")),
+    "attention": ((MS, "Attention"), (MS, "MultiHeadAttention"), ("", "Attention"), ("ai.onnx", "Attention"),
+                  (MS, "QAttention")),  # QAttention: int8 exports (bertops.quantize)
     "skip_layernorm": ((MS, "SkipLayerNormalization"), (MS, "SkipSimplifiedLayerNormalization")),
-    "embed_layernorm": ((MS, "EmbedLayerNormalization"),),
+    "embed_layernorm": ((MS, "EmbedLayerNormalization"), (MS, "QEmbedLayerNormalization")),
     "gelu": ((MS, "BiasGelu"), (MS, "FastGelu"), (MS, "Gelu"), ("", "Gelu"), ("ai.onnx", "Gelu")),
 }
 

@@ -98,6 +98,9 @@ class Task:
     metrics: Callable[..., dict] | None = None
     collate: Callable[..., dict] | None = None
     main_metric: str | None = None
+    # Accuracy gate of reduced-precision exports (int8, bf16): gate(fp32 run, candidate run, limits) ->
+    # bertops.accuracy.GateResult, comparing answers on real text. None: the task exports in fp32/fp16 only.
+    gate: Callable[..., Any] | None = None
     # Where the task was defined (set by register_task): module name and its source file.
     module: str = ""
     source: str | None = field(default=None, compare=False)
@@ -204,6 +207,7 @@ def _probabilities(answer: dict, labels: Sequence[str]) -> list[float]:
 EMBEDDINGS = register_task(
     Task(
         name="embeddings",
+        gate=lazy("bertops.accuracy:embedding_gate"),
         hf_architecture="BertModel",
         build_model=lazy("bertops.model:BertForEmbeddings"),
         outputs=("last_hidden_state", "sentence_embedding"),
@@ -224,6 +228,7 @@ EMBEDDINGS = register_task(
 SEQUENCE_CLASSIFICATION = register_task(
     Task(
         name="sequence-classification",
+        gate=lazy("bertops.accuracy:label_gate"),
         hf_architecture="BertForSequenceClassification",
         build_model=lazy("bertops.model:BertForSequenceClassification"),
         outputs=("logits",),
@@ -245,6 +250,7 @@ SEQUENCE_CLASSIFICATION = register_task(
 TOKEN_CLASSIFICATION = register_task(
     Task(
         name="token-classification",
+        gate=lazy("bertops.accuracy:span_gate"),
         hf_architecture="BertForTokenClassification",
         build_model=lazy("bertops.model:BertForTokenClassification"),
         outputs=("logits",),
@@ -265,6 +271,7 @@ TOKEN_CLASSIFICATION = register_task(
 FILL_MASK = register_task(
     Task(
         name="fill-mask",
+        gate=lazy("bertops.accuracy:token_gate"),
         hf_architecture="BertForMaskedLM",
         build_model=lazy("bertops.model:BertForMaskedLM"),
         outputs=("logits",),
@@ -280,6 +287,7 @@ FILL_MASK = register_task(
 PRETRAINING = register_task(
     Task(
         name="pretraining",
+        gate=lazy("bertops.accuracy:label_gate"),
         hf_architecture="BertForPreTraining",
         build_model=lazy("bertops.model:BertForPreTraining"),
         outputs=("logits", "nsp_logits"),

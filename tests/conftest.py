@@ -83,17 +83,19 @@ def tiny_checkpoint(tmp_path_factory, minilm_dir):
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, minilm_dir, tiny_checkpoint):
-    """factory(task, **cfg overrides) -> export folder; "embeddings" with no overrides is real MiniLM."""
+    """factory(task, real=False, precision="fp32", **cfg overrides) -> export folder; real=True: real MiniLM.
+    ``precision="int8"`` goes through the accuracy gate, which wants the real model (tiny random heads
+    have no margins for it)."""
     from bertops.export import export_onnx
 
     made: dict = {}
 
-    def make(task: str, real: bool = False, **overrides) -> Path:
-        key = (task, real, repr(sorted(overrides.items())))
+    def make(task: str, real: bool = False, precision: str = "fp32", **overrides) -> Path:
+        key = (task, real, precision, repr(sorted(overrides.items())))
         if key not in made:
             source = minilm_dir if real else tiny_checkpoint(task, **overrides)
             out = tmp_path_factory.mktemp(f"export-{task}")
-            export_onnx(source, task, out)
+            export_onnx(source, task, out, precision=precision)
             made[key] = out
         return made[key]
 

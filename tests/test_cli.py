@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from bertops.cli import app
 
 runner = CliRunner()
-HEAVY = ("torch", "onnxruntime", "deepspeed", "onnx", "tritonclient", "bertops.export", "bertops.infer")
+HEAVY = ("torch", "onnxruntime", "openvino", "deepspeed", "onnx", "tritonclient", "bertops.export", "bertops.infer")
 
 # Run `bertops ARGS --help` for each command path given in argv[1] (JSON), then report what got imported.
 PROBE = """

@@ -127,10 +127,14 @@ def test_yaml_settings_reach_the_commands_and_flags_win(exported, tmp_path):
     repo = tmp_path / "repo"
     result = runner.invoke(app, ["triton", "build", "-e", str(folder), "-n", "cls", "-r", str(repo), "-c", str(cfg)])
     assert result.exit_code == 0, result.output
-    enc = parse_config(repo / "cls_encoder" / "config.pbtxt")
+    enc = parse_config(repo / "cls" / "config.pbtxt")  # the single pipeline model (serve.pipeline default)
     assert enc.max_batch_size == 4 and enc.instance_group[0].count == 2
     assert list(enc.dynamic_batching.preferred_batch_size) == [2, 4]
     result = runner.invoke(app, ["triton", "build", "-e", str(folder), "-n", "cls", "-r", str(repo), "-c", str(cfg),
                                  "--max-batch-size", "8"])
     assert result.exit_code == 0, result.output
-    assert parse_config(repo / "cls_encoder" / "config.pbtxt").max_batch_size == 8
+    assert parse_config(repo / "cls" / "config.pbtxt").max_batch_size == 8
+    cfg.write_text(cfg.read_text() + "  pipeline: ensemble\n")
+    result = runner.invoke(app, ["triton", "build", "-e", str(folder), "-n", "cls", "-r", str(repo), "-c", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert parse_config(repo / "cls_encoder" / "config.pbtxt").max_batch_size == 4

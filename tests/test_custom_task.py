@@ -9,6 +9,7 @@ real tritonserver over HTTP and gRPC with the same answers.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def repo(export, tmp_path_factory):
     from bertops.triton.builder import build_repository
 
     repo = tmp_path_factory.mktemp("quality-triton") / "models"
-    build_repository(export[0], "quality", repo, max_batch_size=8, preferred_batch_sizes=(4, 8))
+    build_repository(export[0], "quality", repo, max_batch_size=8, preferred_batch_sizes=(4, 8))  # single
+    build_repository(export[0], "quality_ens", repo, max_batch_size=8, preferred_batch_sizes=(4, 8), pipeline="ensemble")
     return repo
 
 
@@ -134,9 +136,10 @@ def test_repository_has_a_score_output_and_the_plugin(repo):
     from bertops.triton.validate import parse_config, validate_repository
 
     assert validate_repository(repo) == []
-    ensemble = parse_config(repo / "quality" / "config.pbtxt")
-    assert [(o.name, list(o.dims)) for o in ensemble.output] == [("RESULT", [1]), ("SCORE", [1])]
-    for model in ("quality_tokenizer", "quality_encoder", "quality_postprocess"):
+    for entry in ("quality", "quality_ens"):
+        cfg = parse_config(repo / entry / "config.pbtxt")
+        assert [(o.name, list(o.dims)) for o in cfg.output] == [("RESULT", [1]), ("SCORE", [1])]
+    for model in ("quality", "quality_ens_tokenizer", "quality_ens_encoder", "quality_ens_postprocess"):
         assert (repo / model / "1" / "task_plugin.py").read_text() == EXAMPLE.read_text(), model
 
 
@@ -149,13 +152,14 @@ def test_served_over_http_and_grpc_equals_in_process(repo, export, tmp_path):
     local = load_predictor(export[0]).predict(TEXTS, PAIRS)
     singles = load_predictor(export[0]).predict(TEXTS)
     with TritonServer(repo, log_file=tmp_path / "server.log") as server:
-        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        for (protocol, url), model in itertools.product((("http", server.http_url), ("grpc", server.grpc_url)),
+                                                        ("quality", "quality_ens")):
             with Client(url, protocol) as client:
-                served = client.predict("quality", TEXTS, PAIRS)
+                served = client.predict(model, TEXTS, PAIRS)
                 assert [a["truncated"] for a in served] == [a["truncated"] for a in local]
                 np.testing.assert_allclose([a["score"] for a in served], [a["score"] for a in local], atol=1e-5)
-                one = client.predict("quality", TEXTS)
+                one = client.predict(model, TEXTS)
                 np.testing.assert_allclose([a["score"] for a in one], [a["score"] for a in singles], atol=1e-5)
-                raw = client.infer_raw("quality", text_tensor(TEXTS, PAIRS), outputs=("RESULT", "SCORE"))
+                raw = client.infer_raw(model, text_tensor(TEXTS, PAIRS), outputs=("RESULT", "SCORE"))
                 assert raw["SCORE"].shape == (len(TEXTS), 1) and raw["SCORE"].dtype == np.float32
                 np.testing.assert_allclose(raw["SCORE"].reshape(-1), [a["score"] for a in local], atol=1e-5)

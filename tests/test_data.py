@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -33,7 +34,8 @@ def wiki_jsonl() -> Path:
 @pytest.fixture(scope="module")
 def wiki_data(tmp_path_factory, wiki_jsonl, minilm_dir) -> Path:
     out = tmp_path_factory.mktemp("wiki") / "shards"
-    prepare([wiki_jsonl], minilm_dir, out, SEQ, workers=2, eval_fraction=0.05, documents_per_shard=500, progress=False)
+    prepare([wiki_jsonl], minilm_dir, out, SEQ, workers=2, eval_fraction=0.05, documents_per_shard=500, dupe_factor=2,
+            progress=False)
     return out
 
 
@@ -146,15 +148,57 @@ def test_is_next_pairs_are_really_consecutive(wiki_data, wiki_jsonl, minilm_dir)
 
 
 def test_prepare_is_deterministic_whatever_the_workers(tmp_path, bundled_txt, minilm_dir):
-    a = prepare([bundled_txt], minilm_dir, tmp_path / "a", 64, workers=1, documents_per_shard=8, progress=False)
-    b = prepare([bundled_txt], minilm_dir, tmp_path / "b", 64, workers=2, documents_per_shard=8, progress=False)
+    a = prepare([bundled_txt], minilm_dir, tmp_path / "a", 64, workers=1, documents_per_shard=8, dupe_factor=3, progress=False)
+    b = prepare([bundled_txt], minilm_dir, tmp_path / "b", 64, workers=2, documents_per_shard=8, dupe_factor=3, progress=False)
     files = sorted(p.name for p in (tmp_path / "a").glob("*.parquet"))
     assert len(files) >= 4 and files == sorted(p.name for p in (tmp_path / "b").glob("*.parquet"))
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert a["counts"] == b["counts"] and a["splits"] == b["splits"]
-    c = prepare([bundled_txt], minilm_dir, tmp_path / "c", 64, seed=7, documents_per_shard=8, progress=False)
+    prepare([bundled_txt], minilm_dir, tmp_path / "c", 64, seed=7, documents_per_shard=8, dupe_factor=3, progress=False)
     assert rows(tmp_path / "c") != rows(tmp_path / "a")
+
+
+def test_default_workers_leave_small_machines_one_process():
+    from bertops.data.prepare import default_workers
+
+    assert [default_workers(n) for n in (1, 2, 3, 8)] == [1, 1, 2, 7]  # measured: 2 workers lose on 2 cores
+
+
+PAIRING = ["doc", "sentence_a", "a_length", "next_sentence_label", "doc_b", "sentence_b"]
+
+
+def test_dupe_factor_pairs_each_training_document_anew(tmp_path, wiki_data, wiki_jsonl, minilm_dir):
+    """wiki_data has 2 pairings per training document: the first is dupe_factor=1's, the second differs.
+
+    Chunks are seeded by their number, so wiki_data's first shard is compared with the first 500
+    documents prepared alone at dupe_factor=1.
+    """
+    head = tmp_path / "head.jsonl"
+    head.write_text("".join(wiki_jsonl.read_text(encoding="utf-8").splitlines(keepends=True)[:500]), encoding="utf-8")
+    one = prepare([head], minilm_dir, tmp_path / "one", SEQ, eval_fraction=0.05, documents_per_shard=500,
+                  dupe_factor=1, progress=False)
+    two = read_manifest(wiki_data)
+    assert two["settings"]["dupe_factor"] == 2 and one["settings"]["dupe_factor"] == 1
+    assert two["splits"]["train"]["pairings_per_document"] == 2 and two["splits"]["eval"]["pairings_per_document"] == 1
+    assert two["splits"]["train"]["documents"] + two["splits"]["eval"]["documents"] == two["counts"]["documents"]
+    assert two["splits"]["eval"]["shards"][0] == one["splits"]["eval"]["shards"][0]
+    assert (tmp_path / "one" / "eval-00000.parquet").read_bytes() == (wiki_data / "eval-00000.parquet").read_bytes(), \
+        "held-out pairs do not depend on the dupe factor"
+    ratio = two["splits"]["train"]["shards"][0]["examples"] / one["splits"]["train"]["examples"]
+    assert 1.9 < ratio < 2.1, ratio
+    first, both = pq.read_table(tmp_path / "one" / "train-00000.parquet"), pq.read_table(wiki_data / "train-00000.parquet")
+    assert both.slice(0, first.num_rows).equals(first)  # pass 1 = the single pairing (same seed, same stream)
+    second = both.slice(first.num_rows)
+
+    def by_doc(t) -> dict[int, list[tuple]]:
+        rs = list(zip(*(t[c].to_pylist() for c in PAIRING), pc.list_value_length(t["input_ids"]).to_pylist()))
+        return {d: [r for r in rs if r[0] == d] for d in {r[0] for r in rs}}
+
+    a, b = by_doc(first), by_doc(second)
+    assert a.keys() == b.keys() and len(a) > 400, "every pass covers every training document"
+    changed, total = sum(a[d] != b[d] for d in a), len(a)
+    assert changed > 0.5 * total  # most documents are cut and paired differently the second time
 
 
 # --- masking ----------------------------------------------------------------------------------------
@@ -336,6 +380,7 @@ def test_folder_input_crlf_and_jsonl_together(tmp_path, minilm_dir):
     "case, match",
     [
         ("seq_len", "--seq-len 4 is too small"),
+        ("dupe_factor", "--dupe-factor 0 must be at least 1"),
         ("tokenizer", "tokenizer folder .* not found"),
         ("not_tokenizer", "has no tokenizer.json or vocab.txt"),
         ("input", "not found"),
@@ -352,7 +397,7 @@ def test_bad_prepare_arguments_are_one_line_errors(tmp_path, bundled_txt, minilm
     (tmp_path / "no_tok").mkdir()
     args = dict(inputs=[bundled_txt], tokenizer_dir=minilm_dir, out_dir=tmp_path / "out", seq_len=64)
     args.update({
-        "seq_len": {"seq_len": 4}, "tokenizer": {"tokenizer_dir": tmp_path / "missing"},
+        "seq_len": {"seq_len": 4}, "dupe_factor": {"dupe_factor": 0}, "tokenizer": {"tokenizer_dir": tmp_path / "missing"},
         "not_tokenizer": {"tokenizer_dir": tmp_path / "no_tok"}, "input": {"inputs": [tmp_path / "nope.txt"]},
         "only_empty": {"inputs": [tmp_path / "empty.txt"]}, "one_document": {"inputs": [tmp_path / "one_doc.txt"]},
         "out_exists": {"out_dir": tmp_path / "out_exists"},

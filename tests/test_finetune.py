@@ -142,12 +142,24 @@ def test_data_fetch_writes_fixed_subsets_whose_test_labels_training_covers(data)
     got = runner.invoke(app, ["data", "fetch", "brown-pos", "--train-limit", "50"])
     assert got.exit_code == 0, got.output
     found = json.loads(got.output)
-    train, test = read_tokens(found["train"], Columns()), read_tokens(found["test"], Columns())
-    assert len(train) == found["train_examples"] == 50 and found["test_dropped"] > 0
-    assert {t for ex in test for t in ex["tags"]} <= {t for ex in train for t in ex["tags"]}
-    assert len(test) + found["test_dropped"] == len(read_tokens(data["brown-pos"]["test"], Columns()))
-    bbc = read_sentences(data["bbc-news"]["train"], Columns(), label=True, pair=False)
-    assert len(bbc) == 1781 and {ex["label"] for ex in bbc[:40]} == {"business", "entertainment", "politics", "sports", "tech"}
+    train = read_tokens(found["train"], Columns())
+    assert len(train) == found["train_examples"] == 50
+    for split in ("validation", "test"):
+        held_out = read_tokens(found[split], Columns())
+        assert found[f"{split}_dropped"] > 0 and len(held_out) == found[f"{split}_examples"]
+        assert {t for ex in held_out for t in ex["tags"]} <= {t for ex in train for t in ex["tags"]}
+        assert len(held_out) + found[f"{split}_dropped"] == len(read_tokens(data["brown-pos"][split], Columns()))
+    bbc = {split: [json.loads(line) for line in data["bbc-news"][split].read_text().splitlines()]
+           for split in ("train", "validation", "test")}
+    assert {k: len(v) for k, v in bbc.items()} == {"train": 1558, "validation": 223, "test": 444}
+    ids = [{r["id"] for r in rows} for rows in bbc.values()]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == 2225  # three disjoint splits of the 2,225 articles
+    train = read_sentences(data["bbc-news"]["train"], Columns(), label=True, pair=False)
+    assert {ex["label"] for ex in train[:40]} == {"business", "entertainment", "politics", "sports", "tech"}
+    for name in ("wiki-pairs", "wiki-nsp"):  # held-out articles: no sentence of validation / test occurs in train
+        text = {s: {json.loads(line)["text"] for line in data[name][s].read_text().splitlines()} for s in
+                ("train", "validation", "test")}
+        assert not text["train"] & text["validation"] and not text["train"] & text["test"]
 
 
 # --- real data, real weights ------------------------------------------------------------------------
@@ -155,15 +167,17 @@ def test_data_fetch_writes_fixed_subsets_whose_test_labels_training_covers(data)
 
 @pytest.fixture(scope="module")
 def bbc(data, tmp_path_factory):
-    """all-MiniLM-L6-v2 fine-tuned on 320 BBC articles (64 tokens), tested on 160 held-out ones."""
+    """all-MiniLM-L6-v2 fine-tuned on 320 BBC articles (64 tokens), checkpoints picked on 80 validation
+    articles, tested on 160 test articles."""
     import bertops
 
     train, test = head(data["bbc-news"]["train"], 320), head(data["bbc-news"]["test"], 160)
+    validation = head(data["bbc-news"]["validation"], 80)
     cfg = config("data.max_seq_len=64", "train.global_batch_size=16", "train.micro_batch_size=16",
-                 "train.learning_rate=1e-4")
+                 "train.learning_rate=1e-4", "train.save_every=20")
     est = bertops.Estimator("sequence-classification", "all-MiniLM-L6-v2", cfg,
                             out_dir=tmp_path_factory.mktemp("bbc"), deepspeed="ds_configs/zero2.json")
-    result = est.train(lambda: iter(train), eval_input=test, epochs=2)
+    result = est.train(lambda: iter(train), eval_input=validation, test_input=test, epochs=2)
     return est, result, train, test
 
 
@@ -185,15 +199,20 @@ def test_bbc_topics_beat_tfidf_logistic_regression(bbc):
     est, result, train, test = bbc
     scores = est.evaluate(test)
     assert scores["examples"] == len(test)
+    assert scores == result.test  # the run's test row scores final/ exactly as evaluate does
     baseline = make_pipeline(TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2)), LogisticRegression(C=10, max_iter=2000))
     baseline.fit(_model_view([r["text"] for r in train], 64), [r["label"] for r in train])
     tfidf = baseline.score(_model_view([r["text"] for r in test], 64), [r["label"] for r in test])
     assert scores["accuracy"] >= 0.88 and scores["accuracy"] > tfidf, (scores, tfidf)
-    assert scores["accuracy"] == pytest.approx(result.best["metrics"]["accuracy"], abs=0.02)  # fp32 vs bf16 training eval
-    # OUT: metrics log, final/ with label names, the best step
+    # OUT: metrics log (validation rows at every checkpoint, then one test row), final/ = the best on validation
     out = result.out_dir
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("loss" in r for r in rows) and any("eval_accuracy" in r for r in rows)
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert any("loss" in r for r in rows) and [r["step"] for r in evals] == [20, 40]
+    assert all(r["eval_examples"] == 80 for r in evals)
+    assert result.best["value"] == max(r["eval_accuracy"] for r in evals)
+    assert result.best["step"] == json.loads((result.final_dir / "best.json").read_text())["step"]
+    assert rows[-1] == {"step": 40, **{f"test_{k}": v for k, v in result.test.items()}}
     cfg = json.loads((result.final_dir / "config.json").read_text())
     assert sorted(cfg["id2label"].values()) == ["business", "entertainment", "politics", "sports", "tech"]
     assert cfg["finetuning_task"] == "sequence-classification" and cfg["architectures"] == ["BertForSequenceClassification"]
@@ -209,11 +228,12 @@ def pos(data, tmp_path_factory):
     train = conll_head(data["brown-pos"]["train"], 600)
     known = {t for ex in train for t in ex["tags"]}
     test = [ex for ex in conll_head(data["brown-pos"]["test"], 200) if set(ex["tags"]) <= known]
+    validation = [ex for ex in conll_head(data["brown-pos"]["validation"], 100) if set(ex["tags"]) <= known]
     cfg = config("data.max_seq_len=64", "train.global_batch_size=16", "train.micro_batch_size=16",
                  "train.learning_rate=3e-4", "train.warmup_steps=10")
     est = bertops.Estimator("token-classification", "all-MiniLM-L6-v2", cfg, out_dir=tmp_path_factory.mktemp("pos"),
                             deepspeed="ds_configs/zero2.json")
-    result = est.train(train, eval_input=test, epochs=3)
+    result = est.train(train, eval_input=validation, epochs=3)
     return est, result, test
 
 
@@ -451,9 +471,11 @@ def test_two_ranks_under_the_launcher_resume_after_sigkill(pretrained_final, dat
     from test_pretrain import bertops_cmd, clean_env, free_port
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in head(data["bbc-news"]["train"], 128)))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in head(data["bbc-news"]["test"], 32)))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in head(data["bbc-news"]["validation"], 32)))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in head(data["bbc-news"]["test"], 24)))
     args = ["finetune", "--task", "sequence-classification", "--model", str(pretrained_final),
             "--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
+            "--test", str(tmp_path / "test.jsonl"),
             "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--resume", "auto",
             "train.precision=fp32", "train.max_steps=12", "train.save_every=4", "train.log_every=1",
             "train.global_batch_size=8", "train.micro_batch_size=4", "train.learning_rate=1e-3",
@@ -487,6 +509,8 @@ def test_two_ranks_under_the_launcher_resume_after_sigkill(pretrained_final, dat
     assert [e["step"] for e in evals] == [4, 8, 12]
     best = json.loads((whole / "final" / "best.json").read_text())
     assert best["value"] == max(e["eval_accuracy"] for e in evals)
+    tested = json.loads((whole / "metrics.jsonl").read_text().splitlines()[-1])  # both ranks scored final/ on test
+    assert tested["step"] == 12 and tested["test_examples"] == 24
 
     cut = tmp_path / "cut"
     proc = launch(cut, start_new_session=True)

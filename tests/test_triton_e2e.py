@@ -1,10 +1,12 @@
 """Triton serving end to end: generated repositories, a real tritonserver, HTTP and gRPC clients.
 
-One server for the module serves four ensembles built by ``bertops.triton.builder`` (cpu flavor):
+One server for the module serves four models built by ``bertops.triton.builder`` (cpu flavor):
 real all-MiniLM-L6-v2 embeddings, and tiny random sequence-classification, token-classification and
-fill-mask heads exported with ``bertops.export``. Answers are checked against in-process PyTorch and
-``bertops.infer``; nothing is mocked except where a test says so (the fake ``triton_python_backend_utils``
-that runs the three python-model templates in-process, and a spy proving ``serve`` never starts).
+fill-mask heads exported with ``bertops.export``; NER in the ``ensemble`` layout (tokenizer ->
+postprocess -> encoder), the others in the default ``single`` layout (one python model). Answers are
+checked against in-process PyTorch and ``bertops.infer``; nothing is mocked except where a test says so
+(the fake ``triton_python_backend_utils`` that runs the python-model templates in-process, and a spy
+proving ``serve`` never starts).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ TEXTS = [
 PAIRS = ["A second sentence.", "Une autre phrase.", "另一句话。", "pair", "yes", "no"]
 MASK_TEXTS = ["paris is the [MASK] of france.", "the [MASK] sat on the [MASK] all day.", "no mask in this one"]
 MODELS = {"minilm": "embeddings", "cls": "sequence-classification", "ner": "token-classification", "mlm": "fill-mask"}
+PIPELINES = {"minilm": "single", "cls": "single", "ner": "ensemble", "mlm": "single"}
+STEPS = ("_tokenizer", "_encoder", "_postprocess")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,7 +84,8 @@ def repo(exports, tmp_path_factory) -> Path:
 
     repo = tmp_path_factory.mktemp("triton") / "models"
     for name, folder in exports.items():
-        build_repository(folder, name, repo, max_batch_size=MAX_BATCH, preferred_batch_sizes=(4, 8, 16))
+        build_repository(folder, name, repo, max_batch_size=MAX_BATCH, preferred_batch_sizes=(4, 8, 16),
+                         pipeline=PIPELINES[name])
     return repo
 
 
@@ -162,11 +167,12 @@ def test_generated_configs_parse_and_match_onnx(repo, exports, tmp_path):
     from tritonclient.grpc import model_config_pb2 as pb
 
     from bertops.triton.builder import build_repository
-    from bertops.triton.validate import validate_repository
+    from bertops.triton.validate import repository_models, validate_repository
 
     assert validate_repository(repo) == []
+    assert repository_models(repo) == MODELS
     names = sorted(p.name for p in repo.iterdir() if p.is_dir())
-    assert names == sorted(f"{m}{suffix}" for m in MODELS for suffix in ("", "_tokenizer", "_encoder", "_postprocess"))
+    assert names == sorted([*MODELS, *(f"ner{s}" for s in STEPS)])
     for folder in (repo / n for n in names):
         cfg = _parse(folder / "config.pbtxt")
         assert cfg.name == folder.name
@@ -179,25 +185,31 @@ def test_generated_configs_parse_and_match_onnx(repo, exports, tmp_path):
             continue
         assert cfg.backend == "python"
         assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == ServeConfig.max_queue_delay_us
         assert cfg.instance_group[0].count == ServeConfig.instances
         assert cfg.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
         assert (folder / "1" / "model.py").is_file() and (folder / "1" / "bertops_model.json").is_file()
         if folder.name.endswith("_encoder"):
             _assert_matches_onnx(cfg, folder / "1" / "model.onnx")
             assert cfg.model_warmup[0].batch_size == 1
-        if folder.name.endswith("_tokenizer"):
+        if folder.name.endswith("_tokenizer") or folder.name in MODELS:  # TEXT in: warmed up with a sentence
             assert cfg.model_warmup[0].inputs["TEXT"].data_type == pb.TYPE_STRING
             assert (folder / "1" / "tokenizer.json").is_file()
+        if folder.name in MODELS:  # single pipeline: the export's graph runs inside this model
+            assert cfg.parameters["bertops_role"].string_value == "pipeline"
+            assert (folder / "1" / "model.onnx").read_bytes() == (exports[folder.name] / "model.onnx").read_bytes()
     typed = {t.name: pb.DataType.Name(t.data_type) for t in _parse(repo / "minilm" / "config.pbtxt").output}
     assert typed == {"RESULT": "TYPE_STRING", "EMBEDDING": "TYPE_FP32"}
     typed = {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in _parse(repo / "cls" / "config.pbtxt").output}
     assert typed == {"RESULT": ("TYPE_STRING", [1]), "LABEL": ("TYPE_STRING", [1]), "PROBABILITIES": ("TYPE_FP32", [3])}
     assert json.loads((repo / "ner_postprocess" / "1" / "labels.json").read_text()) == NER_LABELS
+    assert json.loads((repo / "cls" / "1" / "labels.json").read_text()) == CLS_LABELS
 
-    # gpu flavor: Triton's onnxruntime backend on KIND_GPU, validated but not served here.
+    # gpu flavor: Triton's onnxruntime backend on KIND_GPU, validated but not served here; the single
+    # pipeline model calls it over BLS, the ensemble's postprocess step too.
     gpu_repo = tmp_path / "gpu"
-    for name in ("minilm", "ner"):
-        build_repository(exports[name], name, gpu_repo, flavor="gpu", max_batch_size=16, instances=2)
+    for name, pipeline in (("minilm", "single"), ("ner", "ensemble")):
+        build_repository(exports[name], name, gpu_repo, flavor="gpu", max_batch_size=16, instances=2, pipeline=pipeline)
         cfg = _parse(gpu_repo / f"{name}_encoder" / "config.pbtxt")
         assert cfg.backend == "onnxruntime" and cfg.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
         assert cfg.instance_group[0].count == 2 and list(cfg.dynamic_batching.preferred_batch_size) == [8, 16]
@@ -206,9 +218,19 @@ def test_generated_configs_parse_and_match_onnx(repo, exports, tmp_path):
         assert (gpu_repo / f"{name}_encoder" / "1" / "model.onnx").read_bytes() == (exports[name] / "model.onnx").read_bytes()
         for warm in cfg.model_warmup[0].inputs.values():
             assert (gpu_repo / f"{name}_encoder" / "warmup" / warm.input_data_file).is_file()
+    assert sorted(p.name for p in gpu_repo.iterdir()) == sorted(["minilm", "minilm_encoder", "ner", *(f"ner{s}" for s in STEPS)])
+    assert json.loads((gpu_repo / "minilm" / "1" / "bertops_model.json").read_text())["encoder"] == "minilm_encoder"
+    assert not (gpu_repo / "minilm" / "1" / "model.onnx").exists()
+    assert not _parse(gpu_repo / "minilm" / "config.pbtxt").model_warmup  # the encoder may load after it
     assert validate_repository(gpu_repo) == []
     missing_backend = validate_repository(gpu_repo, available_backends=["python"])
     assert len(missing_backend) == 2 and all("'onnxruntime' backend" in p for p in missing_backend)
+
+    # rebuilding a name in the other layout replaces its models: no stale steps or encoder left behind
+    build_repository(exports["ner"], "ner", gpu_repo, pipeline="single")
+    build_repository(exports["minilm"], "minilm", gpu_repo, pipeline="single")
+    assert sorted(p.name for p in gpu_repo.iterdir()) == ["minilm", "ner"]
+    assert validate_repository(gpu_repo, available_backends=["python"]) == []
 
 
 def test_validator_catches_broken_repositories(repo, tmp_path):
@@ -240,6 +262,14 @@ def test_validator_catches_broken_repositories(repo, tmp_path):
 
     bad = copy_of("ner", "ner_tokenizer", "ner_encoder")  # postprocess step missing
     assert any("runs 'ner_postprocess', which is not in the repository" in p for p in validate_repository(bad))
+
+    bad = copy_of("cls")  # single pipeline without its graph, or with a graph lacking what the task reads
+    (bad / "cls" / "1" / "model.onnx").unlink()
+    assert any("no cls/1/model.onnx for its in-process encoder" in p for p in validate_repository(bad))
+    bad = copy_of("cls")
+    meta_file = bad / "cls" / "1" / "bertops_model.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "encoder_outputs": ["pooled"]}))
+    assert any("has no output 'pooled'" in p for p in validate_repository(bad))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,7 +344,7 @@ def _load_template(folder: Path, monkeypatch, pb) -> object:
     return model
 
 
-@pytest.mark.parametrize("name", ["ner", "cls"])
+@pytest.mark.parametrize("name", ["ner"])
 def test_templates_in_process_one_response_per_request(name, repo, predictors, monkeypatch):
     """tokenizer -> postprocess -(BLS)-> encoder with a stand-in pb_utils: a bad request in a dynamic
     batch gets its own error; the others get exactly Predictor.predict's answers."""
@@ -348,6 +378,63 @@ def test_templates_in_process_one_response_per_request(name, repo, predictors, m
         pairs = [r[1].decode() for r in rows] if len(rows[0]) == 2 else None
         expected = predictors[name].predict(texts, pairs)
         assert _same(name, result, expected), (result, expected)
+
+
+@pytest.mark.parametrize("name,flavor", [("cls", "cpu"), ("mlm", "cpu"), ("minilm", "gpu")])
+def test_single_pipeline_template_one_response_per_request(name, flavor, repo, exports, predictors, monkeypatch, tmp_path):
+    """The single pipeline model with a stand-in pb_utils: a bad request in a dynamic batch gets its own
+    error; the others get exactly Predictor.predict's answers. The gpu flavor's BLS encoder is answered
+    here by onnxruntime on the same graph (what Triton's onnxruntime backend would run)."""
+    from bertops.infer import ort_session
+    from bertops.triton.builder import build_repository
+
+    folder = repo / name / "1"
+    session = None
+    if flavor == "gpu":
+        build_repository(exports[name], name, tmp_path, flavor="gpu")
+        folder = tmp_path / name / "1"
+        session = ort_session(exports[name] / "model.onnx", threads=1)
+    bls_calls = []
+
+    def bls(req):
+        bls_calls.append(req.model_name)
+        feed = {t.name(): t.as_numpy() for t in req.tensors}
+        values = session.run(req.requested, feed)
+        return pb.InferenceResponse([pb.Tensor(n, v) for n, v in zip(req.requested, values)])
+
+    pb = _fake_pb_utils(bls)
+    model = _load_template(folder, monkeypatch, pb)
+
+    def text_request(rows):
+        return pb.Request([pb.Tensor("TEXT", np.array(rows, dtype=np.object_))])
+
+    texts = MASK_TEXTS if name == "mlm" else TEXTS
+    batches = [[[t.encode()] for t in texts[:3]], [[b"caf\xc3 broken \xff"]], [[texts[-1].encode()], [b""]],
+               [[b"one", b"two"], [b"three", b"four"]], [[("Paris " * 5000).encode()]]]
+    responses = model.execute([text_request(rows) for rows in batches])
+    assert len(responses) == len(batches)
+    assert responses[1].has_error() and "TEXT row 0 is not valid UTF-8 (byte 0xc3 at offset 3)" in responses[1].error().message()
+    assert responses[1].error().code == pb.TritonError.INVALID_ARG
+    pairs_ok = name == "cls"
+    if not pairs_ok:  # pairs are refused by single-text tasks, per request
+        assert responses[3].has_error() and "one text per row" in responses[3].error().message()
+    for i, response in enumerate(responses):
+        if i == 1 or (i == 3 and not pairs_ok):
+            continue
+        assert not response.has_error(), response.error().message()
+        rows = batches[i]
+        result = [json.loads(x[0]) for x in pb.get_output_tensor_by_name(response, "RESULT").as_numpy()]
+        first = [r[0].decode() for r in rows]
+        pairs = [r[1].decode() for r in rows] if len(rows[0]) == 2 else None
+        expected = predictors[name].predict(first, pairs)
+        assert _same(name, result, expected), (result, expected)
+    assert json.loads(pb.get_output_tensor_by_name(responses[4], "RESULT").as_numpy()[0][0])["truncated"] is True
+    if flavor == "gpu":
+        assert bls_calls and set(bls_calls) == {f"{name}_encoder"}
+        assert pb.get_output_tensor_by_name(responses[0], "EMBEDDING").as_numpy().shape == (3, 384)
+    else:
+        assert not bls_calls
+    assert all(model.clock[stage] > 0 for stage in ("decode", "tokenize", "encoder", "postprocess", "respond")), model.clock
 
 
 # ------------------------------------------------------------------------------------------------
@@ -512,7 +599,8 @@ def test_sixteen_concurrent_clients(server, predictors):
     assert sum(counts) == 16 * 50
     assert server.is_ready()
 
-    # the dynamic batchers really batched: fewer executions than requests, the (ragged) postprocess included
+    # the dynamic batchers really batched: fewer executions than requests, in both layouts (the ragged
+    # postprocess step of the ensemble included)
     import tritonclient.http as httpclient
 
     stats_client = httpclient.InferenceServerClient(server.http_url)
@@ -520,11 +608,11 @@ def test_sixteen_concurrent_clients(server, predictors):
         stats = {m["name"]: m for m in stats_client.get_inference_statistics()["model_stats"]}
     finally:
         stats_client.close()
-    for role in ("tokenizer", "postprocess", "encoder"):
-        requests = sum(int(stats[f"{m}_{role}"]["inference_count"]) for m in MODELS)
-        executions = sum(int(stats[f"{m}_{role}"]["execution_count"]) for m in MODELS)
-        print(f"{role}: {requests} rows in {executions} executions")
-        assert executions < requests, role
+    batched = [f"ner{s}" for s in STEPS] + [m for m, layout in PIPELINES.items() if layout == "single"]
+    for model in batched:
+        requests, executions = int(stats[model]["inference_count"]), int(stats[model]["execution_count"])
+        print(f"{model}: {requests} rows in {executions} executions")
+        assert executions < requests, model
     print(f"800 requests from 16 concurrent clients in {elapsed:.1f} s")
 
 
@@ -657,13 +745,34 @@ def test_cli_triton_build_and_validate(exports, tmp_path):
     result = runner.invoke(app, ["triton", "build", "--export", str(exports["cls"]), "--name", "sentiment", "--repo",
                                  str(repo), "--flavor", "gpu", "--max-batch-size", "4", "--instances", "2"])
     assert result.exit_code == 0, result.output
-    assert "serve with `bertops serve" in result.stdout
+    assert "serve with `bertops serve" in result.stdout and "pipeline single, flavor gpu" in " ".join(result.stdout.split())
+    assert sorted(p.name for p in repo.iterdir()) == ["sentiment", "sentiment_encoder"]
     cfg = _parse(repo / "sentiment_encoder" / "config.pbtxt")
     assert cfg.max_batch_size == 4 and list(cfg.dynamic_batching.preferred_batch_size) == [] and cfg.instance_group[0].count == 2
     result = runner.invoke(app, ["triton", "validate", "--repo", str(repo)])
     assert result.exit_code == 0 and "valid" in result.stdout, result.output
+    result = runner.invoke(app, ["triton", "build", "--export", str(exports["cls"]), "--name", "sentiment", "--repo",
+                                 str(repo), "--pipeline", "ensemble"])
+    assert result.exit_code == 0 and "pipeline ensemble, flavor cpu" in " ".join(result.stdout.split()), result.output
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["sentiment", *(f"sentiment{s}" for s in STEPS)])
     result = runner.invoke(app, ["triton", "build", "--export", str(tmp_path / "nothing"), "--name", "x", "--repo", str(repo)])
     assert result.exit_code == 1 and "has no model.onnx" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_builder_records_the_runtime_and_gpu_refuses_an_openvino_export(exports, tmp_path):
+    """The python models open model.onnx with the runtime the export names (bertops_model.json); a bf16
+    export, which runs on OpenVINO's CPU plugin, cannot go on the gpu flavor's onnxruntime backend."""
+    from bertops.triton.builder import build_repository
+
+    build_repository(exports["cls"], "cls", tmp_path / "repo")
+    assert json.loads((tmp_path / "repo" / "cls" / "1" / "bertops_model.json").read_text())["runtime"]["name"] == "onnxruntime"
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(exports["cls"], bf16)
+    report = json.loads((bf16 / "export_report.json").read_text())
+    (bf16 / "export_report.json").write_text(json.dumps({**report, "runtime": {"name": "openvino", "precision": "bf16"}}))
+    with pytest.raises(BertopsError, match="runs on OpenVINO's CPU plugin; build it with --flavor cpu"):
+        build_repository(bf16, "cls", tmp_path / "gpu", flavor="gpu")
+    assert not (tmp_path / "gpu" / "cls").exists()
 
 
 def _one_line_error(result, needle: str) -> None:
@@ -687,13 +796,13 @@ def test_serve_refuses_invalid_repositories_before_starting(repo, exports, tmp_p
     runner = CliRunner()
 
     broken = tmp_path / "broken"
-    for m in ("cls", "cls_tokenizer", "cls_encoder", "cls_postprocess"):
+    for m in ("ner", *(f"ner{s}" for s in STEPS)):
         shutil.copytree(repo / m, broken / m)
-    cfg = broken / "cls_encoder" / "config.pbtxt"
+    cfg = broken / "ner_encoder" / "config.pbtxt"
     cfg.write_text(cfg.read_text().replace("TYPE_INT64", "TYPE_INT32", 1))
     _one_line_error(runner.invoke(app, ["serve", "--repo", str(broken)]), "'input_ids' is TYPE_INT32 in config.pbtxt but TYPE_INT64")
 
-    cfg.write_text("name: cls_encoder\nthis is not a config\n")
+    cfg.write_text("name: ner_encoder\nthis is not a config\n")
     _one_line_error(runner.invoke(app, ["serve", "--repo", str(broken)]), "does not parse as a Triton ModelConfig")
 
     gpu = tmp_path / "gpu"

@@ -130,7 +130,8 @@ def repo(export_dir, tmp_path_factory) -> Path:
     from bertops.triton.builder import build_repository
 
     repo = tmp_path_factory.mktemp("repo")
-    # One instance per model: "the" encoder stub to kill, and a process tree these tests can count
+    # The default single pipeline with one instance: "the" stub to kill is the one process that
+    # tokenizes, runs onnxruntime and post-processes; a process tree these tests can count
     # (the default of two instances is covered by the huge-rows test below).
     build_repository(export_dir, "tiny", repo, max_batch_size=8, preferred_batch_sizes=(4, 8), instances=1)
     return repo
@@ -154,7 +155,7 @@ def server(repo):
 
 
 def body(texts, outputs=("RESULT",)) -> tuple[bytes, dict]:
-    """A binary-tensor inference request for ensemble ``tiny`` (built once, sent many times)."""
+    """A binary-tensor inference request for model ``tiny`` (built once, sent many times)."""
     import tritonclient.http as tc
 
     inp = tc.InferInput("TEXT", [len(texts), 1], "BYTES")
@@ -280,7 +281,7 @@ def test_killed_encoder_stub_under_load_is_noticed_and_healed(repo, predictor, s
         try:
             assert wait_for(lambda: sum(ok for _, ok in outcomes) >= 5, 30), outcomes[-5:]
             old_server = serve.tritonserver
-            encoder = next(s for s in serve.stubs() if s.model == "tiny_encoder")
+            encoder = next(s for s in serve.stubs() if s.model == "tiny")  # the stub running onnxruntime
             os.kill(encoder.pid, signal.SIGKILL)
             killed = time.monotonic()
 
@@ -297,9 +298,9 @@ def test_killed_encoder_stub_under_load_is_noticed_and_healed(repo, predictor, s
             worker.join(60)
 
         restarts = [line for line in serve.text.splitlines() if "restarting tritonserver" in line]
-        assert len(restarts) == 1 and "tiny_encoder_0_0" in restarts[0] and "died" in restarts[0], serve.text
+        assert len(restarts) == 1 and "tiny_0_0" in restarts[0] and "died" in restarts[0], serve.text
         assert not alive(old_server) and serve.tritonserver != old_server
-        assert {s.model for s in serve.stubs()} == {"tiny_tokenizer", "tiny_encoder", "tiny_postprocess"}
+        assert [s.model for s in serve.stubs()] == ["tiny"]
         with closing(connect(serve.url)) as conn:  # the healed server answers like in-process
             status, payload = post(conn, body(sentences[8:16]))
         assert status == 200 and same_embeddings(results(payload), predictor.predict(sentences[8:16]))
@@ -333,7 +334,7 @@ def test_supervisor_restarts_a_dead_or_hung_server_then_gives_up(repo, no_leftov
         assert server.running and server.process.pid != first and server.is_ready()
         assert all(r.stat().st_mode & 0o777 == 0o600 for r in regions(server.shm_prefix))
 
-        stuck = next(s for s in server.stubs() if s.model == "tiny_encoder")
+        stuck = next(s for s in server.stubs() if s.model == "tiny")
         os.kill(stuck.pid, signal.SIGSTOP)  # a hung stub: alive, but never answers; only the probes notice
         reason = wait_for(sup.problem, 30, every=0.25)
         assert reason and "health probes in a row failed" in reason and "tiny" in reason, reason
@@ -363,7 +364,7 @@ def test_signals_stop_server_and_stubs_and_free_shm(repo, tmp_path, no_leftovers
         serve.wait_serving()
         tree = descendants(serve.proc.pid)
         prefix = no_leftovers[-1]
-        assert len(tree) == 4 and len(regions(prefix)) == 3, (tree, regions(prefix))  # tritonserver + 3 stubs
+        assert len(tree) == 2 and len(regions(prefix)) == 1, (tree, regions(prefix))  # tritonserver + its one stub
         assert all(r.stat().st_mode & 0o777 == 0o600 for r in regions(prefix))  # not readable by other users
         with closing(connect(serve.url)) as conn:  # an open keep-alive client must not hold the shutdown
             assert post(conn, body(SHORT))[0] == 200
@@ -408,8 +409,8 @@ def test_admin_apis_need_the_key_and_shm_attack_is_refused(server, predictor, se
             "grpc logging": lambda: g.update_log_settings({"log_verbose_level": 1}),
             "http trace": lambda: h.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
             "grpc trace": lambda: g.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
-            "http unload": lambda: h.unload_model("tiny_encoder"),
-            "grpc unload": lambda: g.unload_model("tiny_encoder"),
+            "http unload": lambda: h.unload_model("tiny"),
+            "grpc unload": lambda: g.unload_model("tiny"),
         }
         for name, attack in attacks.items():
             with pytest.raises(InferenceServerException, match="(?i)restricted|permission") as refused:
@@ -418,7 +419,7 @@ def test_admin_apis_need_the_key_and_shm_attack_is_refused(server, predictor, se
         # key-protected, not broken: the operator's key opens them (read-only calls here)
         assert h.get_system_shared_memory_status(headers=server.admin_headers) == []
         assert g.get_log_settings(headers=server.grpc_admin_headers) is not None
-        assert h.is_server_ready() and h.is_model_ready("tiny_encoder")
+        assert h.is_server_ready() and h.is_model_ready("tiny")
     finally:
         h.close()
         g.close()

@@ -44,7 +44,11 @@ def finetune(
     train: Annotated[Path, typer.Option("--train", help="Training data: CSV / TSV / JSONL, or CoNLL for token tasks.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="OUT: metrics.jsonl, checkpoints/, best/, final/.")],
     eval_file: Annotated[Path | None, typer.Option(
-        "--eval", help="Held-out data: evaluated at every checkpoint; the best one becomes OUT/final.")] = None,
+        "--eval", help="Validation data (not the test split): evaluated at every checkpoint; the best one "
+                       "becomes OUT/final.")] = None,
+    test_file: Annotated[Path | None, typer.Option(
+        "--test", help="Test data: scored once on OUT/final after training (a test_* row in metrics.jsonl); "
+                       "chooses nothing.")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides such as train.learning_rate=5e-5.")] = None,
     config: ConfigFile = None,
     deepspeed: Annotated[str | None, typer.Option(
@@ -67,10 +71,10 @@ def finetune(
     est = Estimator(value(task), model, config, out_dir=out_dir, new_head=new_head, deepspeed=deepspeed,
                     overrides=overrides or [],
                     columns=_columns(text_column, text_pair_column, label_column, tokens_column, tags_column))
-    result = est.train(train, eval_file, epochs=epochs, resume=resume)
+    result = est.train(train, eval_file, test_input=test_file, epochs=epochs, resume=resume)
     if _rank() == 0:
         summary = {"final": str(result.final_dir), "steps": result.steps, "train_seconds": round(result.train_seconds, 1),
-                   "seconds": round(result.seconds, 1), "best": result.best}
+                   "seconds": round(result.seconds, 1), "best": result.best, "test": result.test}
         out.print(json.dumps(summary), highlight=False, soft_wrap=True)
 
 

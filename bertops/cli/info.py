@@ -19,6 +19,7 @@ def runtime_info() -> dict:
     import torch
 
     from bertops import __version__
+    from bertops.runtimes import bf16_unsupported, cpu_flags
 
     try:
         import onnxruntime as ort
@@ -26,6 +27,12 @@ def runtime_info() -> dict:
         ort_version, providers = ort.__version__, ort.get_available_providers()
     except ImportError:
         ort_version, providers = "not installed (pip install 'bertops[cpu]' or 'bertops[gpu]')", []
+    try:
+        import openvino
+
+        ov_version = openvino.__version__.split("-")[0]
+    except ImportError:
+        ov_version = "not installed (pip install 'bertops[cpu]'; runs bf16 exports)"
     try:
         import deepspeed
 
@@ -40,10 +47,11 @@ def runtime_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu_threads": torch.get_num_threads(),
-        "bf16_cpu": torch.backends.mkldnn.is_available(),
+        "bf16_cpu": bf16_unsupported(cpu_flags()) is None,  # AVX512-BF16 / AMX: `export onnx --precision bf16` works
         "onnx": onnx.__version__,
         "onnxruntime": ort_version,
         "onnxruntime_providers": providers,
+        "openvino": ov_version,
         "deepspeed": ds_version,
     }
 

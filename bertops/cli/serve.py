@@ -36,19 +36,19 @@ def serve(
 
     cfg = load_config(config).serve
     check_servable(repo)  # one-line refusal before anything starts
-    ensembles = repository_models(repo)
+    served = repository_models(repo)
     server = TritonServer(repo, pick(http_port, cfg.http_port), pick(grpc_port, cfg.grpc_port),
                           pick(metrics_port, cfg.metrics_port), host=pick(host, cfg.host), log_file=log_file)
-    supervisor = Supervisor(server, list(ensembles), start_timeout=timeout,
+    supervisor = Supervisor(server, list(served), start_timeout=timeout,
                             log=lambda line: console.print(line, highlight=False, soft_wrap=True))
 
     def ready() -> None:
-        models = ", ".join(f"{m} ({t})" for m, t in ensembles.items())
+        models = ", ".join(f"{m} ({t})" for m, t in served.items())
         out.print(f"serving {repo}: {models}", highlight=False)
         out.print(f"  HTTP    http://{server.http_url}", highlight=False)
         out.print(f"  gRPC    {server.grpc_url}", highlight=False)
         out.print(f"  metrics http://{server.metrics_url}/metrics", highlight=False)
-        probe_models = " ".join(f"--model {m}" for m in ensembles)
+        probe_models = " ".join(f"--model {m}" for m in served)
         out.print(f"  health  python -m bertops.triton.health --url {server.http_url} {probe_models}", highlight=False)
         out.print(f"  log     {server.log_path}; Ctrl-C to stop", highlight=False)
 

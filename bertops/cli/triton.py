@@ -13,6 +13,7 @@ from bertops.errors import BertopsError
 app = group("Build and check Triton model repositories.")
 ADVANCED = "Advanced"
 Flavor = choices("Flavor", ["cpu", "gpu"])
+Pipeline = choices("Pipeline", ["single", "ensemble"])
 
 Repo = Annotated[Path, typer.Option("--repo", "-r", help="Model repository folder.")]
 
@@ -24,6 +25,9 @@ def build(
     repo: Repo = Path("triton_models"),
     flavor: Annotated[Flavor | None, typer.Option(
         help=f"cpu: onnxruntime in the python backend; gpu: onnxruntime backend ({config_default('serve.flavor')}).")] = None,
+    pipeline: Annotated[Pipeline | None, typer.Option(
+        help=f"single: one python model tokenizes, encodes and post-processes; ensemble: tokenizer -> "
+             f"post-process -> encoder models ({config_default('serve.pipeline')}).")] = None,
     max_batch_size: Annotated[int | None, typer.Option(
         help=f"Largest batch each model accepts ({config_default('serve.max_batch_size')}).", rich_help_panel=ADVANCED)] = None,
     instances: Annotated[int | None, typer.Option(
@@ -40,17 +44,22 @@ def build(
         rich_help_panel=ADVANCED)] = None,
     config: ConfigFile = None,
 ):
-    """Write NAME (ensemble), NAME_tokenizer, NAME_encoder and NAME_postprocess into the repository."""
+    """Write the model NAME (single: one python model; ensemble: + NAME_tokenizer, NAME_encoder, NAME_postprocess)."""
     from bertops.config import load_config
     from bertops.triton.builder import build_repository
 
     cfg = load_config(config).serve
     flavor = pick(value(flavor), cfg.flavor)
+    pipeline = pick(value(pipeline), cfg.pipeline)
     path = build_repository(export, name, repo, flavor=flavor, max_batch_size=pick(max_batch_size, cfg.max_batch_size),
                             instances=pick(instances, cfg.instances), preferred_batch_sizes=cfg.preferred_batch_sizes,
                             max_queue_delay_us=pick(max_queue_delay_us, cfg.max_queue_delay_us), max_length=max_length,
-                            max_request_bytes=pick(max_request_bytes, cfg.max_request_bytes))
-    out.print(f"wrote {path} (+ {name}_tokenizer, {name}_encoder, {name}_postprocess; flavor {flavor}); "
+                            max_request_bytes=pick(max_request_bytes, cfg.max_request_bytes), pipeline=pipeline)
+    if pipeline == "ensemble":
+        extra = f" (+ {name}_tokenizer, {name}_encoder, {name}_postprocess)"
+    else:
+        extra = f" (+ {name}_encoder)" if flavor == "gpu" else ""
+    out.print(f"wrote {path}{extra}; pipeline {pipeline}, flavor {flavor}; "
               f"serve with `bertops serve --repo {repo}`", highlight=False)
 
 

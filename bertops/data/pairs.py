@@ -23,6 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Pairings per training document by default. One fixed pairing is memorised within a few passes
+# (held-out NSP falls back to chance while train NSP climbs: docs/BENCHMARKS.md, "Learning"), so each
+# pass of a run should meet new pairs. Google's script uses 10 for ~40 passes over its corpus; the
+# shards grow linearly with it (prepare's time much less: tokenization is done once), and 5 covers
+# the few passes a run over a corpus of this size makes. Runs of more passes: raise it.
+DUPE_FACTOR = 5
+
 
 @dataclass
 class Pairs:
@@ -41,17 +48,10 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.a_lo)
 
-    def adder(self):
-        """A fast ``add(a_lo, a_hi, b_lo, b_hi, random_next, doc, sentence_a, doc_b, sentence_b)``."""
-        cols = [self.a_lo, self.a_hi, self.b_lo, self.b_hi, self.random_next, self.doc, self.sentence_a,
-                self.doc_b, self.sentence_b]
-        appends = [c.append for c in cols]
-
-        def add(*row):
-            for append, value in zip(appends, row):
-                append(value)
-
-        return add
+    @classmethod
+    def from_rows(cls, rows: list[tuple]) -> "Pairs":
+        """Columns from rows ``(a_lo, a_hi, b_lo, b_hi, random_next, doc, sentence_a, doc_b, sentence_b)``."""
+        return cls(*map(list, zip(*rows))) if rows else cls()
 
 
 def _randint(rng: random.Random, lo: int, hi: int) -> int:
@@ -78,12 +78,15 @@ def create_pairs(bounds: list[list[int]], pool: list[int], seq_len: int, short_s
                  rng: random.Random, dupe_factor: int = 1, random_pool: list[int] | None = None) -> Pairs:
     """Pairs from documents ``pool`` (indices into ``bounds``; each with 2+ non-empty sentences).
 
-    Random B segments come from other documents of ``random_pool`` (default ``pool``).
+    Random B segments come from other documents of ``random_pool`` (default ``pool``). The pool is
+    walked ``dupe_factor`` times on one ``rng`` stream: each pass draws new target lengths, split
+    points and random-next partners (BERT's ``dupe_factor``), and the first pass is the pairing that
+    ``dupe_factor=1`` gives.
     """
     random_pool = pool if random_pool is None else random_pool
     max_tokens = seq_len - 3
-    out = Pairs()
-    add = out.adder()
+    rows: list[tuple] = []
+    add = rows.append
     for _ in range(dupe_factor):
         for di in pool:
             bd = bounds[di]
@@ -100,8 +103,10 @@ def create_pairs(bounds: list[list[int]], pool: list[int], seq_len: int, short_s
                         # A lone sentence: its actual next is the following sentence, or at the
                         # document's end it is the actual next of the sentence before it.
                         s = i if i + 1 < n else i - 1
-                        span = truncate_pair(bd[s], bd[s + 1], bd[s + 1], bd[s + 2], max_tokens, rng)
-                        add(*span, 0, di, s, di, s + 1)
+                        span = (bd[s], bd[s + 1], bd[s + 1], bd[s + 2])
+                        if span[3] - span[0] > max_tokens:
+                            span = truncate_pair(*span, max_tokens, rng)
+                        add((*span, 0, di, s, di, s + 1))
                         i = max(i, s + 1) + 1
                         first = i
                         continue
@@ -122,11 +127,13 @@ def create_pairs(bounds: list[list[int]], pool: list[int], seq_len: int, short_s
                         i = a_end - 1  # the unused sentences go back
                     else:
                         b, doc_b, sb = (bd[a_end], bd[i + 1]), di, a_end
-                    span = truncate_pair(a[0], a[1], b[0], b[1], max_tokens, rng)
-                    add(*span, int(random_next), di, first, doc_b, sb)
+                    span = (a[0], a[1], b[0], b[1])
+                    if (a[1] - a[0]) + (b[1] - b[0]) > max_tokens:  # (truncate_pair draws nothing when it fits)
+                        span = truncate_pair(*span, max_tokens, rng)
+                    add((*span, int(random_next), di, first, doc_b, sb))
                     first = i + 1
                 i += 1
-    return out
+    return Pairs.from_rows(rows)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -6,7 +6,9 @@ from another document, ``short_seq_prob``, ``truncate_seq_pair``): see :mod:`ber
 Documents are processed in fixed chunks of ``documents_per_shard`` documents (one train and one eval
 shard each); a chunk's random draws are seeded by ``(seed, chunk, purpose)``, so the output does not depend on
 ``workers``. Held-out eval documents are drawn per chunk (``eval_fraction``), and their pairs take
-random segments only from other eval documents. Whole documents are tokenized in batches with the
+random segments only from other eval documents. Each training document is segmented and paired
+``dupe_factor`` times over, each time anew (BERT's ``dupe_factor``: one fixed pairing is memorised
+within a few passes); held-out documents are paired once. Whole documents are tokenized in batches with the
 fast tokenizer (no special tokens), sentence boundaries are mapped from characters to tokens, and
 word starts are read off the WordPiece ``##`` prefix.
 
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bertops.data.corpus import Document, Skips, expand_inputs, read_documents, sentence_starts
-from bertops.data.pairs import assemble, create_pairs
+from bertops.data.pairs import DUPE_FACTOR, assemble, create_pairs
 from bertops.data.shards import FORMAT, MANIFEST, TOKENIZER_SUBDIR, tokenizer_hash, write_shard
 from bertops.errors import BertopsError
 
@@ -69,6 +71,19 @@ def _init_worker(settings: dict, tok=None) -> None:
         tok = load_tokenizer(settings["tokenizer_dir"])
     info = _vocab_info(tok)
     _worker.update(settings=settings, tok=tok, info=info, cont=_continuation_table(tok, info["continuation_prefix"]))
+
+
+def default_workers(cores: int | None = None) -> int:
+    """Worker processes for ``cores`` CPUs (default: this machine's): 1 up to 2 cores, else one per core but one.
+
+    One process already tokenizes on every core (the Rust thread pool of ``encode_batch``); only its
+    sentence splitting, pairing and writing are serial. Worker processes make those parallel too but
+    tokenize single-threaded and pay for shipping documents and results between processes: on a
+    2-core machine 2 workers measured slower than 1 (docs/BENCHMARKS.md, "Data preparation"). The main
+    process reads the input and feeds the workers, hence one core fewer than the machine has.
+    """
+    cores = cores or os.cpu_count() or 1
+    return 1 if cores <= 2 else cores - 1
 
 
 def _eval_pick(n: int, fraction: float, rng: random.Random) -> set[int]:
@@ -128,8 +143,12 @@ def _process_chunk(job: tuple[int, int, list[tuple[str, str]]]) -> dict:
         if not pool:
             continue
         rng = random.Random(f"{seed}:{chunk}:{split}-pairs")
+        # Training documents are segmented and paired dupe_factor times over (one rng stream, so each
+        # pass draws new target lengths, split points and random-next partners); held-out documents
+        # once, so the eval split's size and pairs do not depend on it.
         # A lone document (a tiny chunk's split) borrows random segments from the whole chunk.
-        pairs = create_pairs(bounds, pool, st["seq_len"], st["short_seq_prob"], rng, st["dupe_factor"],
+        pairs = create_pairs(bounds, pool, st["seq_len"], st["short_seq_prob"], rng,
+                             st["dupe_factor"] if split == "train" else 1,
                              random_pool=pool if len(pool) >= 2 else list(range(len(bounds))))
         if not len(pairs):
             continue
@@ -143,7 +162,7 @@ def _process_chunk(job: tuple[int, int, list[tuple[str, str]]]) -> dict:
         except OSError as exc:
             raise BertopsError(f"writing shard {name} failed ({exc.strerror or exc}); free disk space or pick another --out") from None
         result["splits"][split] = {"file": name, "examples": rows, "tokens": int(len(ids_flat)),
-                                   "random_next": int(sum(pairs.random_next))}
+                                   "random_next": int(sum(pairs.random_next)), "documents": len(pool)}
     return result
 
 
@@ -162,13 +181,15 @@ def _chunks(docs, size: int):
 
 
 def _check_args(inputs, tokenizer_dir, out_dir: Path, seq_len, workers, short_seq_prob, eval_fraction,
-                documents_per_shard, overwrite) -> list[Path]:
+                documents_per_shard, dupe_factor, overwrite) -> list[Path]:
     if seq_len < MIN_SEQ_LEN:
         raise BertopsError(f"--seq-len {seq_len} is too small: [CLS] A [SEP] B [SEP] needs at least {MIN_SEQ_LEN} tokens")
     if workers < 1:
         raise BertopsError(f"--workers {workers} must be at least 1")
     if not 0 <= short_seq_prob <= 1 or not 0 <= eval_fraction < 1:
         raise BertopsError(f"--short-seq-prob {short_seq_prob} must be in [0, 1] and --eval-fraction {eval_fraction} in [0, 1)")
+    if dupe_factor < 1:
+        raise BertopsError(f"--dupe-factor {dupe_factor} must be at least 1 (1 = one pairing per document)")
     if documents_per_shard < 2:
         raise BertopsError(f"--documents-per-shard {documents_per_shard} must be at least 2")
     if not Path(tokenizer_dir).is_dir():
@@ -197,7 +218,7 @@ def prepare(
     seed: int = 12345,
     eval_fraction: float = 0.01,
     documents_per_shard: int = 2000,
-    dupe_factor: int = 1,
+    dupe_factor: int = DUPE_FACTOR,
     language: str = "en",
     overwrite: bool = False,
     progress: bool = True,
@@ -207,7 +228,7 @@ def prepare(
 
     out_dir = Path(out_dir)
     files = _check_args(inputs, tokenizer_dir, out_dir, seq_len, workers, short_seq_prob, eval_fraction,
-                        documents_per_shard, overwrite)
+                        documents_per_shard, dupe_factor, overwrite)
     tok = load_tokenizer(tokenizer_dir)
     info = _vocab_info(tok)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -288,7 +309,9 @@ def _manifest(results, skips: Skips, files, info, tok_hash, settings, per_shard,
     splits = {}
     for split in ("train", "eval"):
         shards = [r["splits"][split] for r in results if split in r["splits"]]
-        splits[split] = {"examples": sum(s["examples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+        splits[split] = {"documents": sum(s["documents"] for s in shards),
+                         "pairings_per_document": settings["dupe_factor"] if split == "train" else 1,
+                         "examples": sum(s["examples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
                          "random_next": sum(s["random_next"] for s in shards),
                          "shards": [{"file": s["file"], "examples": s["examples"]} for s in shards]}
     examples = sum(s["examples"] for s in splits.values())

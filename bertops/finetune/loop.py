@@ -91,6 +91,28 @@ def evaluate(
     return broadcast_object(result)
 
 
+def eval_batch_size(cfg) -> int:
+    """Examples per forward pass when scoring a saved model (``bertops evaluate``, finetune's test row)."""
+    return max(cfg.train.micro_batch_size, 16)
+
+
+def evaluate_folder(folder, task: Task, examples: Sequence[dict], max_length: int, batch_size: int, device="cpu",
+                    rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """:func:`evaluate` of a saved model folder (HF layout, loaded in fp32): ``bertops evaluate`` and the test
+    row of ``bertops finetune --test`` both come from here, so they agree (to the last digit in one process;
+    over several ranks the loss sums in another order)."""
+    from bertops.checkpoint import load_model
+    from bertops.data.labeled import check_labels, example_kind
+    from bertops.tokenizer import load_tokenizer
+
+    model, cfg = load_model(folder, task.name)
+    labels = cfg.labels() if task.needs_labels else []
+    if labels:
+        check_labels(examples, example_kind(task), labels, f"labels of {folder}")
+    ctx = Collation(load_tokenizer(folder), tuple(labels), max_length)
+    return evaluate(model.to(device).eval(), task, examples, ctx, batch_size, device, rank, world_size)
+
+
 @dataclass
 class LoopState:
     step: int

@@ -6,10 +6,12 @@ SIGKILL continues as if never stopped; on another world size / ZeRO stage the fp
 rebuilt and the optimizer moments restart), ``OUT/metrics.jsonl`` + TensorBoard, the run log, and
 the launcher (one process, or each rank under ``deepspeed``).
 
-Every checkpoint is also an evaluation on the eval examples. When the task's ``main_metric``
-improves, that checkpoint is converted at once to ``OUT/best/`` (HF layout, fp32, label names and
-``finetuning_task`` in config.json), so pruning old checkpoints never loses it; at the end
-``OUT/final/`` is a copy of ``OUT/best/`` (of the last checkpoint when there is no eval data).
+Every checkpoint is also an evaluation on the eval examples (validation data). When the task's
+``main_metric`` improves, that checkpoint is converted at once to ``OUT/best/`` (HF layout, fp32,
+label names and ``finetuning_task`` in config.json), so pruning old checkpoints never loses it; at
+the end ``OUT/final/`` is a copy of ``OUT/best/`` (of the last checkpoint when there is no eval data).
+Test examples, when given, are scored once on ``OUT/final/`` (fp32, as ``bertops evaluate`` scores
+it) and written as a ``test_*`` row of metrics.jsonl: they choose nothing, so the figure is unbiased.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class FinetuneResult:
     world_size: int
     precision: str
     best: dict | None  # {"step", "metric", "value", "metrics"} of the checkpoint in final/
+    test: dict | None = None  # final/'s metrics on the test examples (they chose nothing)
     evals: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -81,7 +84,7 @@ class Plan:
 
 def plan_run(cfg: Config, task: Task, model_dir: Path, train: Sequence[dict], evals: Sequence[dict] | None,
              out_dir: Path, ds_config_path: str | None, resume: str | None, new_head: bool,
-             epochs: float | None) -> Plan:
+             epochs: float | None, tests: Sequence[dict] | None = None) -> Plan:
     """Every check that can fail on user input, before any rank talks to another."""
     from bertops.train.dist import world_from_env
     from bertops.train.dsconfig import load_ds_config, resolve_precision, zero_stage
@@ -92,12 +95,15 @@ def plan_run(cfg: Config, task: Task, model_dir: Path, train: Sequence[dict], ev
         raise BertopsError(f"task {task.name} has no training slots (loss, collate); it cannot be fine-tuned")
     if evals and (task.metrics is None or not task.main_metric):
         raise BertopsError(f"task {task.name} has no metrics / main_metric; it cannot be evaluated")
+    if tests and task.metrics is None:
+        raise BertopsError(f"task {task.name} has no metrics; it cannot be tested")
     kind = example_kind(task)
     labels: list[str] = []
     if task.needs_labels:
         labels = labels_of(train, kind)
-        if evals:
-            check_labels(evals, kind, labels)
+        for held_out in (evals, tests):
+            if held_out:
+                check_labels(held_out, kind, labels)
         labels, fresh = heads.head_labels(model_dir, task, labels, new_head)
     else:
         fresh = heads.head_labels(model_dir, task, [], new_head)[1]
@@ -158,9 +164,11 @@ def finetune(
     resume: str | None = None,
     new_head: bool = False,
     epochs: float | None = None,
+    test_examples: Sequence[dict] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``model_dir`` for ``task`` on checked examples (every rank passes the same ones)."""
-    from bertops.finetune.loop import LoopState, evaluate, train
+    """Fine-tune ``model_dir`` for ``task`` on checked examples (every rank passes the same ones);
+    ``eval_examples`` pick ``final/``, ``test_examples`` only score it."""
+    from bertops.finetune.loop import LoopState, eval_batch_size, evaluate, evaluate_folder, train
     from bertops.finetune.objectives import Collation
     from bertops.tokenizer import load_tokenizer
     from bertops.train.convert import fp32_state_dict
@@ -173,7 +181,7 @@ def finetune(
     began = time.perf_counter()
     spec, model_dir, out_dir = get_task(task), Path(model_dir), Path(out_dir)
     plan = plan_run(cfg, spec, model_dir, train_examples, eval_examples, out_dir, ds_config_path, resume, new_head,
-                    epochs)
+                    epochs, test_examples)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=plan.max_steps))  # the LR schedule's length
     world, t = plan.world, cfg.train
     ckpt_dir = out_dir / CHECKPOINT_DIR
@@ -266,28 +274,35 @@ def finetune(
         return row
 
     state = LoopState(step=start)
+    final_dir, test = out_dir / FINAL_DIR, None
     try:
         train(engine, spec, train_examples, ctx, state=state, max_steps=plan.max_steps,
               global_batch=t.global_batch_size, micro_batch=t.micro_batch_size, rank=world.rank,
               world_size=world.world_size, seed=t.seed, log_every=t.log_every,
               checkpoint_due=lambda s: s % t.save_every == 0 or bool(t.eval_every and s % t.eval_every == 0),
               checkpoint=checkpoint, log=metrics_log.write, say=say)
+        if world.is_main:
+            if best and (out_dir / BEST_DIR).is_dir():
+                _copy_folder(out_dir / BEST_DIR, final_dir)
+                say(f"final/ = step {best['step']} ({best['metric']} {best['value']:.4f})")
+            else:
+                found_last = ckpt.find_resumable(ckpt_dir)
+                checkpoint_to_folder(ckpt_dir / found_last.tag, found_last.meta, spec, final_dir)
+                say(f"final/ = last checkpoint {found_last.tag} (no eval data to pick the best)")
+        barrier()
+        if test_examples:  # every rank scores its share of final/ (fp32), as `bertops evaluate` does
+            test = evaluate_folder(final_dir, spec, test_examples, cfg.data.max_seq_len, eval_batch_size(cfg),
+                                   engine.device, world.rank, world.world_size)
+            metrics_log.write({"step": state.step, **{f"test_{k}": v for k, v in test.items()}})
+            say("test (final/): " + "  ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "examples"))
     finally:
         metrics_log.close()
-    final_dir = out_dir / FINAL_DIR
     if world.is_main:
-        if best and (out_dir / BEST_DIR).is_dir():
-            _copy_folder(out_dir / BEST_DIR, final_dir)
-            say(f"final/ = step {best['step']} ({best['metric']} {best['value']:.4f})")
-        else:
-            found_last = ckpt.find_resumable(ckpt_dir)
-            checkpoint_to_folder(ckpt_dir / found_last.tag, found_last.meta, spec, final_dir)
-            say(f"final/ = last checkpoint {found_last.tag} (no eval data to pick the best)")
         say(f"done: {final_dir} (export: bertops export onnx --model {final_dir} --task {spec.name})")
     barrier()
     return FinetuneResult(
         out_dir=out_dir, final_dir=final_dir, task=spec.name, labels=labels, steps=state.step,
-        world_size=world.world_size, precision=plan.precision.name, best=best, evals=state.evals,
+        world_size=world.world_size, precision=plan.precision.name, best=best, test=test, evals=state.evals,
         history=state.history, train_seconds=state.train_seconds, seconds=time.perf_counter() - began,
         resumed_from=found.tag,
     )

@@ -50,8 +50,8 @@ class MetricsLog:
         step = row["step"]
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
-                group = "eval" if key.startswith("eval_") else "train"
-                self.writer.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, step)
+                group, _, name = key.partition("_") if key.startswith(("eval_", "test_")) else ("train", "", key)
+                self.writer.add_scalar(f"{group}/{name}", value, step)
         self.writer.flush()
 
     def close(self) -> None:

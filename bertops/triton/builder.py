@@ -1,22 +1,25 @@
-"""Build a Triton model repository (ensemble, tokenizer, encoder, postprocess) for one export folder.
+"""Build a Triton model repository for one export folder: one python model per task, or an ensemble.
 
-``build_repository(export_dir, NAME, repo)`` writes four models for one export folder
-(``bertops export onnx --out DIR``)::
+``build_repository(export_dir, NAME, repo)`` writes, for one export folder (``bertops export onnx --out
+DIR``), the model clients call, ``NAME`` (TEXT -> RESULT + the task's serve_outputs, e.g. EMBEDDING),
+in one of two layouts (``pipeline``, ``serve.pipeline`` in the config)::
 
-    repo/
-      NAME/                 ensemble   TEXT -> RESULT (+ the task's serve_outputs, e.g. EMBEDDING)
-        config.pbtxt, 1/
-      NAME_tokenizer/       python     TEXT -> input_ids, attention_mask, token_type_ids,
-        config.pbtxt                             TRUNCATED (+ OFFSETS, WORD_IDS for token-level tasks)
-        1/model.py, bertops_model.json, tokenizer.json, vocab.txt, ...
-        warmup/TEXT
-      NAME_encoder/         cpu flavor: python running 1/model.onnx with onnxruntime (bertops.infer)
-        config.pbtxt                     gpu flavor: Triton's onnxruntime backend, KIND_GPU
-        1/model.onnx (+ model.py, bertops_model.json for the cpu flavor)
-        warmup/input_ids, warmup/attention_mask, warmup/token_type_ids
-      NAME_postprocess/     python     BLS calls to NAME_encoder, one per length bucket
-        config.pbtxt                   (bertops.infer.length_buckets), then the task's postprocess
-        1/model.py, bertops_model.json, labels.json, tokenizer files   (bertops.tasks) -> RESULT ...
+    single (default)                         ensemble
+    repo/                                    repo/
+      NAME/            python: tokenize,       NAME/              ensemble TEXT -> RESULT ...
+        config.pbtxt   encode, post-process      config.pbtxt, 1/
+        1/model.py, bertops_model.json,        NAME_tokenizer/    python TEXT -> input_ids, ..., TRUNCATED
+          tokenizer files, labels.json,        NAME_encoder/      cpu: python + onnxruntime; gpu: onnxruntime backend
+          model.onnx (cpu flavor)              NAME_postprocess/  python: BLS to NAME_encoder per length
+        warmup/TEXT                                               bucket, then the task's postprocess
+      NAME_encoder/    gpu flavor only: Triton's onnxruntime backend (KIND_GPU), called over BLS
+
+``single`` runs everything a request needs in one python-backend process (cpu flavor: onnxruntime
+inside it; gpu flavor: one BLS call per length group to ``NAME_encoder``) through
+:meth:`bertops.infer.Predictor.answer`, the in-process code: one stub hop per request instead of the
+ensemble's three plus its scheduler (docs/BENCHMARKS.md "Serving" measures both). ``ensemble`` keeps
+tokenization, encoder and post-processing in separate models, which Triton can scale and time apart.
+Rebuilding a name in one layout removes that name's models of the other.
 
 Every python model folder also gets the export's ``task_plugin.py`` when its task is defined outside
 bertops (``bertops.artifacts.load_task`` runs it in the backend process).
@@ -39,21 +42,25 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bertops import __version__
+from bertops.artifacts import LABELS_FILE, MODEL_FILE, PLUGIN_FILE, copy_support, read_export
 from bertops.config import ServeConfig
 from bertops.errors import BertopsError
-from bertops.artifacts import LABELS_FILE, MODEL_FILE, PLUGIN_FILE, copy_support, read_export
 from bertops.infer import DEFAULT_MAX_LENGTH
+from bertops.runtimes import OPENVINO, export_runtime
 from bertops.tasks import Task
 from bertops.tokenizer import encode, load_tokenizer
 from bertops.triton.runtime import DEFAULT_MAX_REQUEST_BYTES, ENCODER_INPUTS, META_FILE, string_tensor_bytes
 from bertops.triton.validate import _pb, _text_format, onnx_signature, validate_repository
 
 FLAVORS = ("cpu", "gpu")
+PIPELINES = ("single", "ensemble")
+STEP_SUFFIXES = ("_tokenizer", "_encoder", "_postprocess")
 TEMPLATES = Path(__file__).parent / "templates"
 WARMUP_TEXT = "Triton warms this model up with a short sample sentence."
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -113,6 +120,44 @@ def _copy_onnx(export_dir: Path, version_dir: Path) -> None:
         shutil.copyfile(extra, version_dir / extra.name)
 
 
+@dataclass
+class _Build:
+    """What every model of one build shares (the export, its graph, the settings, the staging folder)."""
+
+    export_dir: Path
+    staging: Path
+    pb: object
+    task: Task
+    labels: list
+    signature: dict
+    flavor: str
+    max_batch: int
+    preferred: list
+    delay_us: int
+    instances: int
+    meta: dict
+    params: dict
+    sample: object  # the tokenized warmup text
+
+    def folder(self, name: str, warmup: bool = True) -> Path:
+        folder = self.staging / name
+        (folder / "1").mkdir(parents=True)
+        if warmup:
+            (folder / "warmup").mkdir()
+        return folder
+
+    def common(self, cfg, kind: str = "KIND_CPU", **params) -> None:
+        _common(self.pb, cfg, self.max_batch, self.preferred, self.delay_us, self.instances, kind,
+                {**self.params, **params})
+
+    def text_warmup(self, cfg, folder: Path) -> None:
+        _warmup(self.pb, cfg, {"TEXT": ("TYPE_STRING", [1])})
+        (folder / "warmup" / "TEXT").write_bytes(string_tensor_bytes([WARMUP_TEXT]))
+
+    def result_outputs(self) -> dict:
+        return _result_outputs(self.task, self.labels, self.signature["outputs"])
+
+
 def build_repository(
     export_dir: str | Path,
     name: str,
@@ -124,18 +169,21 @@ def build_repository(
     max_queue_delay_us: int = ServeConfig.max_queue_delay_us,
     max_length: int | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    pipeline: str = ServeConfig.pipeline,
 ) -> Path:
-    """Write the ensemble ``name`` and its three models for ``export_dir`` into ``repo``; return ``repo/name``.
+    """Write the model ``name`` (and its helper models) for ``export_dir`` into ``repo``; return ``repo/name``.
 
     Existing models of the same names are replaced (other models in ``repo`` are left alone); the new
     ones are assembled in a hidden folder, validated, and only then moved into place.
     ``preferred_batch_sizes`` above ``max_batch_size`` are dropped. ``max_length`` (tokens, default
-    ``min(512, max_position_embeddings)``) is where texts are truncated; the tokenizer model refuses a
-    request whose TEXT holds more than ``max_request_bytes`` bytes.
+    ``min(512, max_position_embeddings)``) is where texts are truncated; a request whose TEXT holds
+    more than ``max_request_bytes`` bytes is refused. ``pipeline``: ``single`` or ``ensemble`` (module doc).
     """
     export_dir, repo = Path(export_dir), Path(repo)
     if flavor not in FLAVORS:
         raise BertopsError(f"flavor {flavor!r} is unknown; use cpu (python + onnxruntime) or gpu (onnxruntime backend)")
+    if pipeline not in PIPELINES:
+        raise BertopsError(f"pipeline {pipeline!r} is unknown; use single (one python model) or ensemble")
     if not _NAME.match(name):
         raise BertopsError(f"model name {name!r} is not usable by Triton; use letters, digits, '_', '-', '.'")
     if max_batch_size < 1 or instances < 1:
@@ -146,6 +194,12 @@ def build_repository(
         raise BertopsError("max_request_bytes must be at least 1")
     export = read_export(export_dir)
     task, labels, max_positions = export.task, list(export.labels), export.max_positions
+    runtime = export_runtime(export.report)
+    if flavor == "gpu" and runtime.name == OPENVINO:
+        raise BertopsError(
+            f"{export_dir} is a {runtime.precision} export, which runs on OpenVINO's CPU plugin; build it with "
+            f"--flavor cpu, or export with --precision fp16 for the GPU"
+        )
     limit = min(DEFAULT_MAX_LENGTH, max_positions)
     max_length = limit if max_length is None else int(max_length)
     if not 2 <= max_length <= max_positions:
@@ -159,8 +213,7 @@ def build_repository(
             f"{export_dir / MODEL_FILE} has no input {missing[0]!r}; re-export it with `bertops export onnx`"
         )
     graph_outputs = signature["outputs"]
-    bls_outputs = list(task.reads)  # what the postprocess step asks the encoder for over BLS
-    absent = [o for o in bls_outputs if o not in graph_outputs]
+    absent = [o for o in task.reads if o not in graph_outputs]
     if absent:
         raise BertopsError(
             f"{export_dir / MODEL_FILE} has no output {absent[0]!r}, which task {task.name} needs; "
@@ -173,126 +226,158 @@ def build_repository(
                 f"{export_dir}: {LABELS_FILE} names {len(labels)} labels but the graph has {classes} classes; re-export it"
             )
 
-    names = {"ensemble": name, "tokenizer": f"{name}_tokenizer", "encoder": f"{name}_encoder",
-             "postprocess": f"{name}_postprocess"}
     repo.mkdir(parents=True, exist_ok=True)
     staging = repo / f".{name}.building-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    pb = _pb()
-    common_meta = {"bertops_version": __version__, "name": name, "task": task.name, "flavor": flavor,
-                   "max_length": max_length, "max_batch_size": max_batch_size, "pairs": task.pairs,
-                   "token_level": task.token_level, "max_request_bytes": int(max_request_bytes)}
+    meta = {"bertops_version": __version__, "name": name, "task": task.name, "flavor": flavor, "pipeline": pipeline,
+            "max_length": max_length, "max_batch_size": max_batch_size, "pairs": task.pairs,
+            "token_level": task.token_level, "max_request_bytes": int(max_request_bytes),
+            "runtime": runtime.as_dict()}  # what runs model.onnx in a python model (bertops.infer.open_model)
     params = {"bertops_task": task.name, "bertops_max_length": max_length}
     try:
-        tok = load_tokenizer(export_dir)
-        sample = encode(tok, [WARMUP_TEXT], max_length=max_length)
-
-        # -- tokenizer ---------------------------------------------------------------------------
-        folder = staging / names["tokenizer"]
-        (folder / "1").mkdir(parents=True)
-        (folder / "warmup").mkdir()
-        cfg = pb.ModelConfig(name=names["tokenizer"], backend="python")
-        _tensor(pb, cfg.input, "TEXT", "TYPE_STRING", [-1], ragged=True)
-        tok_outputs = {n: ("TYPE_INT64", [-1]) for n in ENCODER_INPUTS}
-        if task.token_level:
-            tok_outputs.update(OFFSETS=("TYPE_INT64", [-1, 2]), WORD_IDS=("TYPE_INT64", [-1]))
-        tok_outputs["TRUNCATED"] = ("TYPE_BOOL", [1])
-        for n, (dtype, dims) in tok_outputs.items():
-            _tensor(pb, cfg.output, n, dtype, dims)
-        _common(pb, cfg, max_batch_size, preferred, max_queue_delay_us, instances, "KIND_CPU", params)
-        _warmup(pb, cfg, {"TEXT": ("TYPE_STRING", [1])})
-        (folder / "warmup" / "TEXT").write_bytes(string_tensor_bytes([WARMUP_TEXT]))
-        _template("tokenizer", folder / "1")
-        _copy_support(export_dir, folder / "1", {**common_meta, "role": "tokenizer"}, labels=False)
-        _write_config(
-            folder, cfg, f"{names['tokenizer']}: UTF-8 text -> WordPiece ids ({task.name}); part of ensemble {name}"
-        )
-
-        # -- encoder -----------------------------------------------------------------------------
-        folder = staging / names["encoder"]
-        (folder / "1").mkdir(parents=True)
-        (folder / "warmup").mkdir()
-        if flavor == "gpu":
-            cfg = pb.ModelConfig(name=names["encoder"], backend="onnxruntime", default_model_filename="model.onnx")
-            kind = "KIND_GPU"
+        sample = encode(load_tokenizer(export_dir), [WARMUP_TEXT], max_length=max_length)
+        b = _Build(export_dir, staging, _pb(), task, labels, signature, flavor, max_batch_size, preferred,
+                   max_queue_delay_us, instances, meta, params, sample)
+        if pipeline == "single":
+            written = [_pipeline_model(b, name)]
+            if flavor == "gpu":
+                written.append(_encoder_model(b, f"{name}_encoder"))
         else:
-            cfg = pb.ModelConfig(name=names["encoder"], backend="python")
-            kind = "KIND_CPU"
-        for n in ENCODER_INPUTS:
-            dtype, dims = signature["inputs"][n]
-            _tensor(pb, cfg.input, n, dtype, dims[1:])
-        for n, (dtype, dims) in graph_outputs.items():
-            _tensor(pb, cfg.output, n, dtype, dims[1:])
-        _common(pb, cfg, max_batch_size, preferred, max_queue_delay_us, instances, kind, params)
-        width = int(sample.input_ids.shape[1])
-        _warmup(pb, cfg, {n: (signature["inputs"][n][0], [width]) for n in ENCODER_INPUTS})
-        for n, arr in sample.arrays().items():
-            (folder / "warmup" / n).write_bytes(np.ascontiguousarray(arr[0], dtype="<i8").tobytes())
-        _copy_onnx(export_dir, folder / "1")
-        if flavor == "cpu":
-            _template("encoder", folder / "1")
-            _write_meta(folder / "1", {**common_meta, "role": "encoder"})
-            if (export_dir / PLUGIN_FILE).is_file():
-                shutil.copyfile(export_dir / PLUGIN_FILE, folder / "1" / PLUGIN_FILE)
-        backend = "Triton's onnxruntime backend (KIND_GPU)" if flavor == "gpu" else "onnxruntime in the python backend"
-        _write_config(folder, cfg, f"{names['encoder']}: the exported ONNX graph ({task.name}), run by {backend}")
-
-        # -- postprocess -------------------------------------------------------------------------
-        folder = staging / names["postprocess"]
-        (folder / "1").mkdir(parents=True)
-        cfg = pb.ModelConfig(name=names["postprocess"], backend="python")
-        _tensor(pb, cfg.input, "TEXT", "TYPE_STRING", [-1], ragged=True)
-        for n, (dtype, dims) in tok_outputs.items():
-            _tensor(pb, cfg.input, n, dtype, dims, ragged=True)
-        result_outputs = _result_outputs(task, labels, graph_outputs)
-        for n, (dtype, dims) in result_outputs.items():
-            _tensor(pb, cfg.output, n, dtype, dims)
-        _common(pb, cfg, max_batch_size, preferred, max_queue_delay_us, instances, "KIND_CPU",
-                {**params, "bertops_encoder": names["encoder"]})
-        _template("postprocess", folder / "1")
-        _copy_support(export_dir, folder / "1",
-                      {**common_meta, "role": "postprocess", "encoder": names["encoder"],
-                       "encoder_outputs": bls_outputs, "labels": labels}, labels=True)
-        _write_config(folder, cfg, f"{names['postprocess']}: BLS to {names['encoder']} per length bucket, then "
-                                   f"bertops.tasks {task.name} postprocess -> JSON")
-
-        # -- ensemble ----------------------------------------------------------------------------
-        folder = staging / name
-        (folder / "1").mkdir(parents=True)  # an ensemble still needs a version folder
-        cfg = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
-        cfg.version_policy.latest.num_versions = 1
-        _tensor(pb, cfg.input, "TEXT", "TYPE_STRING", [-1])
-        for n, (dtype, dims) in result_outputs.items():
-            _tensor(pb, cfg.output, n, dtype, dims)
-        for key, value in params.items():
-            cfg.parameters[key].string_value = str(value)
-        step = cfg.ensemble_scheduling.step.add(model_name=names["tokenizer"], model_version=-1)
-        step.input_map["TEXT"] = "TEXT"
-        for n in tok_outputs:
-            step.output_map[n] = n
-        step = cfg.ensemble_scheduling.step.add(model_name=names["postprocess"], model_version=-1)
-        step.input_map["TEXT"] = "TEXT"
-        for n in tok_outputs:
-            step.input_map[n] = n
-        for n in result_outputs:
-            step.output_map[n] = n
-        _write_config(folder, cfg, f"{name}: {task.name} ({task.description}); TEXT [batch, 1 or 2] UTF-8 -> "
-                                   f"RESULT JSON per row")
-
+            written = [_tokenizer_model(b, f"{name}_tokenizer", name), _encoder_model(b, f"{name}_encoder"),
+                       _postprocess_model(b, f"{name}_postprocess", f"{name}_encoder"), _ensemble_model(b, name)]
         problems = validate_repository(staging)
         if problems:
             raise BertopsError(f"the generated repository is invalid (a bug in bertops): {problems[0]}")
-        for folder in names.values():
+        for folder in [name, *(name + s for s in STEP_SUFFIXES)]:  # the other layout's models go too
             target = repo / folder
             if target.exists():
                 shutil.rmtree(target)
-            os.replace(staging / folder, target)
+            if folder in written:
+                os.replace(staging / folder, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    problems = [p for p in validate_repository(repo) if any(p.startswith(f"{n}:") for n in names.values())]
+    problems = [p for p in validate_repository(repo) if any(p.startswith(f"{n}:") for n in written)]
     if problems:
         raise BertopsError(f"{repo} is invalid after the build: {problems[0]}")
     return repo / name
+
+
+def _pipeline_model(b: _Build, name: str) -> str:
+    """``single``: one python model, TEXT -> RESULT (+ serve_outputs); the encoder in-process (cpu) or over BLS (gpu)."""
+    encoder = f"{name}_encoder" if b.flavor == "gpu" else None
+    # No warmup over BLS: models load in parallel, so the encoder may not be ready yet (it has its own).
+    folder = b.folder(name, warmup=encoder is None)
+    cfg = b.pb.ModelConfig(name=name, backend="python")
+    _tensor(b.pb, cfg.input, "TEXT", "TYPE_STRING", [-1], ragged=True)
+    for n, (dtype, dims) in b.result_outputs().items():
+        _tensor(b.pb, cfg.output, n, dtype, dims)
+    b.common(cfg, bertops_role="pipeline")
+    if encoder is None:
+        b.text_warmup(cfg, folder)
+    _template("pipeline", folder / "1")
+    _copy_support(b.export_dir, folder / "1", {**b.meta, "role": "pipeline", "encoder": encoder,
+                                               "encoder_outputs": list(b.task.reads), "labels": b.labels}, labels=True)
+    if encoder is None:
+        _copy_onnx(b.export_dir, folder / "1")
+    where = "onnxruntime in this process" if encoder is None else f"{encoder} over BLS"
+    _write_config(folder, cfg, f"{name}: {b.task.name} ({b.task.description}); TEXT [batch, 1 or 2] UTF-8 -> RESULT "
+                               f"JSON per row; tokenize, encode ({where}) and post-process in one python model")
+    return name
+
+
+def _tokenizer_model(b: _Build, name: str, ensemble: str) -> str:
+    folder = b.folder(name)
+    cfg = b.pb.ModelConfig(name=name, backend="python")
+    _tensor(b.pb, cfg.input, "TEXT", "TYPE_STRING", [-1], ragged=True)
+    for n, (dtype, dims) in _tokenizer_outputs(b.task).items():
+        _tensor(b.pb, cfg.output, n, dtype, dims)
+    b.common(cfg)
+    b.text_warmup(cfg, folder)
+    _template("tokenizer", folder / "1")
+    _copy_support(b.export_dir, folder / "1", {**b.meta, "role": "tokenizer"}, labels=False)
+    _write_config(folder, cfg, f"{name}: UTF-8 text -> WordPiece ids ({b.task.name}); part of ensemble {ensemble}")
+    return name
+
+
+def _encoder_model(b: _Build, name: str) -> str:
+    """The exported graph: Triton's onnxruntime backend (gpu flavor) or the python encoder template (cpu)."""
+    folder = b.folder(name)
+    if b.flavor == "gpu":
+        cfg = b.pb.ModelConfig(name=name, backend="onnxruntime", default_model_filename="model.onnx")
+        kind = "KIND_GPU"
+    else:
+        cfg = b.pb.ModelConfig(name=name, backend="python")
+        kind = "KIND_CPU"
+    for n in ENCODER_INPUTS:
+        dtype, dims = b.signature["inputs"][n]
+        _tensor(b.pb, cfg.input, n, dtype, dims[1:])
+    for n, (dtype, dims) in b.signature["outputs"].items():
+        _tensor(b.pb, cfg.output, n, dtype, dims[1:])
+    b.common(cfg, kind)
+    width = int(b.sample.input_ids.shape[1])
+    _warmup(b.pb, cfg, {n: (b.signature["inputs"][n][0], [width]) for n in ENCODER_INPUTS})
+    for n, arr in b.sample.arrays().items():
+        (folder / "warmup" / n).write_bytes(np.ascontiguousarray(arr[0], dtype="<i8").tobytes())
+    _copy_onnx(b.export_dir, folder / "1")
+    if b.flavor == "cpu":
+        _template("encoder", folder / "1")
+        _write_meta(folder / "1", {**b.meta, "role": "encoder"})
+        if (b.export_dir / PLUGIN_FILE).is_file():
+            shutil.copyfile(b.export_dir / PLUGIN_FILE, folder / "1" / PLUGIN_FILE)
+    backend = "Triton's onnxruntime backend (KIND_GPU)" if b.flavor == "gpu" else "onnxruntime in the python backend"
+    _write_config(folder, cfg, f"{name}: the exported ONNX graph ({b.task.name}), run by {backend}")
+    return name
+
+
+def _postprocess_model(b: _Build, name: str, encoder: str) -> str:
+    folder = b.folder(name, warmup=False)
+    cfg = b.pb.ModelConfig(name=name, backend="python")
+    _tensor(b.pb, cfg.input, "TEXT", "TYPE_STRING", [-1], ragged=True)
+    for n, (dtype, dims) in _tokenizer_outputs(b.task).items():
+        _tensor(b.pb, cfg.input, n, dtype, dims, ragged=True)
+    for n, (dtype, dims) in b.result_outputs().items():
+        _tensor(b.pb, cfg.output, n, dtype, dims)
+    b.common(cfg, bertops_encoder=encoder)
+    _template("postprocess", folder / "1")
+    _copy_support(b.export_dir, folder / "1", {**b.meta, "role": "postprocess", "encoder": encoder,
+                                               "encoder_outputs": list(b.task.reads), "labels": b.labels}, labels=True)
+    _write_config(folder, cfg, f"{name}: BLS to {encoder} per length bucket, then bertops.tasks {b.task.name} "
+                               f"postprocess -> JSON")
+    return name
+
+
+def _ensemble_model(b: _Build, name: str) -> str:
+    folder = b.folder(name, warmup=False)  # an ensemble still needs a version folder
+    cfg = b.pb.ModelConfig(name=name, platform="ensemble", max_batch_size=b.max_batch)
+    cfg.version_policy.latest.num_versions = 1
+    _tensor(b.pb, cfg.input, "TEXT", "TYPE_STRING", [-1])
+    result_outputs = b.result_outputs()
+    for n, (dtype, dims) in result_outputs.items():
+        _tensor(b.pb, cfg.output, n, dtype, dims)
+    for key, value in b.params.items():
+        cfg.parameters[key].string_value = str(value)
+    tok_outputs = _tokenizer_outputs(b.task)
+    step = cfg.ensemble_scheduling.step.add(model_name=f"{name}_tokenizer", model_version=-1)
+    step.input_map["TEXT"] = "TEXT"
+    for n in tok_outputs:
+        step.output_map[n] = n
+    step = cfg.ensemble_scheduling.step.add(model_name=f"{name}_postprocess", model_version=-1)
+    step.input_map["TEXT"] = "TEXT"
+    for n in tok_outputs:
+        step.input_map[n] = n
+    for n in result_outputs:
+        step.output_map[n] = n
+    _write_config(folder, cfg, f"{name}: {b.task.name} ({b.task.description}); TEXT [batch, 1 or 2] UTF-8 -> "
+                               f"RESULT JSON per row")
+    return name
+
+
+def _tokenizer_outputs(task: Task) -> dict[str, tuple[str, list[int]]]:
+    out = {n: ("TYPE_INT64", [-1]) for n in ENCODER_INPUTS}
+    if task.token_level:
+        out.update(OFFSETS=("TYPE_INT64", [-1, 2]), WORD_IDS=("TYPE_INT64", [-1]))
+    out["TRUNCATED"] = ("TYPE_BOOL", [1])
+    return out
 
 
 def _result_outputs(task: Task, labels: Sequence[str], graph_outputs: dict) -> dict[str, tuple[str, list[int]]]:

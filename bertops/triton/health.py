@@ -1,4 +1,4 @@
-"""Health probe: one real inference per ensemble, the check that notices a dead python-backend stub.
+"""Health probe: one real inference per served model, the check that notices a dead python-backend stub.
 
 Triton's ``/v2/health/ready`` keeps answering 200 when a python-backend stub has died (every request
 to that model then fails), so readiness and liveness must run a real inference.  Standard library
@@ -26,7 +26,7 @@ PROBE_TEXT = "bertops health probe"
 
 
 def probe(url: str, model: str, timeout: float = 10.0) -> float:
-    """Send :data:`PROBE_TEXT` to ensemble ``model`` at ``url`` (``HOST:PORT``, HTTP); return the seconds it took.
+    """Send :data:`PROBE_TEXT` to the served model ``model`` at ``url`` (``HOST:PORT``, HTTP); return the seconds it took.
 
     Raises :class:`BertopsError` naming the model and what went wrong (refused, timed out, an error
     answer, a RESULT that is not one JSON object per row).
@@ -62,7 +62,7 @@ def probe(url: str, model: str, timeout: float = 10.0) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bertops.triton.health", description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT of Triton's HTTP endpoint")
-    ap.add_argument("--model", action="append", required=True, help="ensemble to probe (repeat for several)")
+    ap.add_argument("--model", action="append", required=True, help="served model to probe (repeat for several)")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per model")
     args = ap.parse_args(argv)
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,67 @@ def tokenize_requests(
             results[i] = batch_to_tensors(batch.select(range(start, start + n)), token_level) if n else {}
             start += n
     return results  # type: ignore[return-value]
+
+
+STAGES = ("decode", "tokenize", "encoder", "postprocess", "respond")
+"""Where a ``single`` pipeline model spends a dynamic batch's time (its ``bertops_stage_seconds`` metric)."""
+
+
+class TimedSession:
+    """An onnxruntime session (or anything with ``run(names, feed)``) that adds the seconds of every run
+    to ``clock["encoder"]``: composition, so :class:`bertops.infer.Predictor` runs it unchanged."""
+
+    def __init__(self, session, clock: dict[str, float]):
+        self.session, self.clock = session, clock
+
+    def run(self, names, feed):
+        start = time.perf_counter()
+        try:
+            return self.session.run(names, feed)
+        finally:
+            self.clock["encoder"] = self.clock.get("encoder", 0.0) + time.perf_counter() - start
+
+
+def answer_requests(
+    predictor, requests: Sequence[tuple[list[str], list[str] | None]], max_batch: int,
+    clock: dict[str, float] | None = None,
+) -> list[list[dict]]:
+    """The answers of many requests' texts (``decode_text_rows`` results), per request, in one pass:
+    every single text of every request tokenized together (pairs together, apart), then
+    :meth:`bertops.infer.Predictor.answer` -- the in-process code: length groups of at most
+    ``max_batch`` rows, the encoder, the task's ``postprocess``.
+
+    Each text is first cut to :func:`row_char_cap` characters (a cut row counts as truncated), as the
+    ensemble's tokenizer model does. ``clock`` (stage -> seconds) gains ``tokenize`` and ``postprocess``
+    (the answer time less what a :class:`TimedSession` counted as ``encoder``).
+    """
+    clock = {} if clock is None else clock
+    results: list[list[dict]] = [[] for _ in requests]
+    cap = row_char_cap(predictor.max_length)
+    for paired in (False, True):
+        members = [i for i, (_, pairs) in enumerate(requests) if (pairs is not None) == paired]
+        if not members:
+            continue
+        start = time.perf_counter()
+        texts, cut = cap_chars([t for i in members for t in requests[i][0]], cap)
+        pairs = None
+        if paired:
+            pairs, cut_pairs = cap_chars([t for i in members for t in requests[i][1]], cap)  # type: ignore[union-attr]
+            cut = [a or b for a, b in zip(cut, cut_pairs)]
+        batch = predictor.encode(texts, pairs)
+        batch.truncated = [t or c for t, c in zip(batch.truncated, cut)]
+        encoder_before = clock.get("encoder", 0.0)
+        tokenized = time.perf_counter()
+        answers = predictor.answer(batch, texts, max_batch)
+        done = time.perf_counter()
+        clock["tokenize"] = clock.get("tokenize", 0.0) + tokenized - start
+        clock["postprocess"] = clock.get("postprocess", 0.0) + (done - tokenized) - (clock.get("encoder", 0.0) - encoder_before)
+        lo = 0
+        for i in members:
+            n = len(requests[i][0])
+            results[i] = answers[lo : lo + n]
+            lo += n
+    return results
 
 
 def batch_to_tensors(batch: Batch, token_level: bool) -> dict[str, np.ndarray]:

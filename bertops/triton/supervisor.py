@@ -3,7 +3,7 @@
 Triton 2.51's python backend does not restart a stub that died (``kill -9``, OOM killer): every
 request to that model then fails with "Stub process ... is not healthy" while ``/v2/health/ready``
 still answers 200.  :class:`Supervisor` watches the server (twice a second: the process, the stub
-processes it started) and probes each ensemble with a real inference (:func:`bertops.triton.health.probe`,
+processes it started) and probes each served model with a real inference (:func:`bertops.triton.health.probe`,
 every ``probe_every`` s in a background thread); on a failure it restarts tritonserver -- at most
 ``max_restarts`` times within ``restart_window`` s, with one log line each -- then gives up with an error.
 
@@ -65,7 +65,7 @@ def signals_blocked() -> Iterator[None]:
 
 
 class Supervisor:
-    """Runs ``server`` and heals it; ``models`` are the ensembles to probe (empty: no probes)."""
+    """Runs ``server`` and heals it; ``models`` are the served models to probe (empty: no probes)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Check a Triton model repository before serving: config.pbtxt parsing, ensemble wiring, ONNX match.
+"""Check a Triton model repository before serving: config.pbtxt parsing, model wiring, ONNX match.
 
 :func:`validate_repository` checks the wiring of the whole repository (ensemble steps, tensor names,
 dtypes, batch sizes, warmup files) and, through :func:`check_encoder_against_onnx`, the encoder's
@@ -212,7 +212,7 @@ def _check_model(repo: Path, name: str, cfg, configs: dict, available_backends: 
         onnx_file = version / onnx_name
         if backend == "onnxruntime" and not onnx_file.is_file():
             p(f"{name}: no {onnx_file.relative_to(repo)} for the onnxruntime backend")
-        elif onnx_file.is_file():
+        elif onnx_file.is_file() and ENCODER_INPUTS[0] in ins:  # a single-pipeline model takes TEXT instead
             problems += check_encoder_against_onnx(cfg, onnx_file)
         if (version / META_FILE).is_file():
             problems += _check_bertops_model(repo, name, cfg, version, configs)
@@ -256,9 +256,24 @@ def _check_bertops_model(repo: Path, name: str, cfg, version: Path, configs: dic
     except (BertopsError, KeyError, json.JSONDecodeError) as exc:
         return [f"{name}: {META_FILE} is unreadable ({exc}); rebuild with `bertops triton build`"]
     has_tokenizer = any((version / n).is_file() for n in TOKENIZER_FILES[:2])
-    if meta.get("role") in ("tokenizer", "postprocess") and not has_tokenizer:
+    role = meta.get("role")
+    if role in ("tokenizer", "postprocess", "pipeline") and not has_tokenizer:
         problems.append(f"{name}: no tokenizer.json or vocab.txt in {version.relative_to(repo)}")
-    if meta.get("role") == "postprocess":
+    if role == "pipeline" and not meta.get("encoder"):  # onnxruntime in the model's own process
+        onnx_file = version / "model.onnx"
+        if not onnx_file.is_file():
+            problems.append(f"{name}: no {onnx_file.relative_to(repo)} for its in-process encoder")
+        else:
+            try:
+                outputs = onnx_signature(onnx_file)["outputs"]
+            except BertopsError as exc:
+                outputs = {}
+                problems.append(f"{name}: {exc}")
+            for n in meta.get("encoder_outputs", []):
+                if outputs and n not in outputs:
+                    problems.append(f"{name}: {onnx_file.relative_to(repo)} has no output {n!r}, which task "
+                                    f"{task.name} reads; rebuild from the right export")
+    if role == "postprocess" or (role == "pipeline" and meta.get("encoder")):
         encoder = meta.get("encoder", "")
         if encoder not in configs:
             problems.append(f"{name}: calls {encoder!r} over BLS, but the repository has no such model")
@@ -273,8 +288,8 @@ def _check_bertops_model(repo: Path, name: str, cfg, version: Path, configs: dic
             if configs[encoder].max_batch_size < int(meta.get("max_batch_size", 1)):
                 problems.append(f"{name}: its length buckets reach {meta['max_batch_size']} rows, above "
                                 f"{encoder}'s max_batch_size {configs[encoder].max_batch_size}")
-        if task.needs_labels and not (version / LABELS_FILE).is_file():
-            problems.append(f"{name}: no {LABELS_FILE} in {version.relative_to(repo)}")
+    if role in ("postprocess", "pipeline") and task.needs_labels and not (version / LABELS_FILE).is_file():
+        problems.append(f"{name}: no {LABELS_FILE} in {version.relative_to(repo)}")
     return problems
 
 
@@ -373,7 +388,7 @@ def check_servable(repo: str | Path, available_backends: Sequence[str] | None = 
 
 
 def repository_models(repo: str | Path) -> dict[str, str]:
-    """Ensembles in ``repo`` -> their task (from the bertops parameters), for listing endpoints."""
+    """The models clients call in ``repo`` (ensembles and ``single`` pipeline models) -> their task (from the bertops parameters), for listing endpoints."""
     out = {}
     for folder in sorted(Path(repo).iterdir()):
         cfg_file = folder / "config.pbtxt"
@@ -382,7 +397,9 @@ def repository_models(repo: str | Path) -> dict[str, str]:
                 cfg = parse_config(cfg_file)
             except BertopsError:
                 continue
-            if cfg.platform == "ensemble":
+            entry = cfg.platform == "ensemble" or (
+                "bertops_role" in cfg.parameters and cfg.parameters["bertops_role"].string_value == "pipeline")
+            if entry:
                 task = cfg.parameters["bertops_task"].string_value if "bertops_task" in cfg.parameters else "?"
                 out[folder.name] = task
     return out
