@@ -43,6 +43,22 @@ LABELS_FILE = "labels.json"
 REPORT_FILE = "export_report.json"
 PLUGIN_FILE = "task_plugin.py"
 DEFAULT_MAX_POSITIONS = ModelConfig.max_position_embeddings  # when config.json does not say
+TRAINED_LENGTH_KEY = "bertops_max_length"  # config.json: tokens per text a fine-tuned model was trained on
+
+
+def trained_length(folder: str | Path) -> int | None:
+    """The tokens per text a folder's model was fine-tuned on (config.json), or None when it does not say.
+
+    Predict and Triton read texts at this length by default, so a model answers as it was trained.
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(TRAINED_LENGTH_KEY)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return int(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,7 @@ class Export:
     info: TaskInfo  # labels, vocab, [MASK] id for post-processing
     report: dict[str, Any]
     max_positions: int  # max_position_embeddings of the exported model
+    trained_length: int | None = None  # tokens per text it was fine-tuned on (config.json), if recorded
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -215,4 +232,4 @@ def read_export(export_dir: str | Path) -> Export:
     if (folder / CONFIG_FILE).is_file():
         raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         max_positions = int(raw.get("max_position_embeddings", DEFAULT_MAX_POSITIONS))
-    return Export(folder, task, task_info(folder, labels), report, max_positions)
+    return Export(folder, task, task_info(folder, labels), report, max_positions, trained_length(folder))

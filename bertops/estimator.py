@@ -55,7 +55,7 @@ def load_torch_predictor(model_dir: str | Path, task: str | None = None, max_len
 
     ``task`` defaults to the one recorded in the folder's config.json (``finetuning_task``).
     """
-    from bertops.artifacts import task_info
+    from bertops.artifacts import task_info, trained_length
     from bertops.checkpoint import load_model, resolve_model_dir
     from bertops.finetune.heads import trained_task
     from bertops.infer import DEFAULT_MAX_LENGTH, Predictor
@@ -68,7 +68,8 @@ def load_torch_predictor(model_dir: str | Path, task: str | None = None, max_len
     spec = get_task(name)
     model, cfg = load_model(folder, spec.name)
     info = task_info(folder, cfg.labels() if spec.needs_labels else ())
-    return Predictor(TorchSession(model), load_tokenizer(folder), spec, info, max_length or DEFAULT_MAX_LENGTH)
+    max_length = max_length or trained_length(folder) or DEFAULT_MAX_LENGTH
+    return Predictor(TorchSession(model), load_tokenizer(folder), spec, info, max_length)
 
 
 class Estimator:

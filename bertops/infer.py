@@ -169,7 +169,7 @@ def load_predictor(
     export_dir: str | Path,
     providers: Sequence[str] | None = None,
     threads: int | None = None,
-    max_length: int = DEFAULT_MAX_LENGTH,
+    max_length: int | None = None,
     group_by_length: bool = True,
 ) -> Predictor:
     """An export folder (``bertops export onnx --out DIR``) -> a ready :class:`Predictor`.
@@ -179,6 +179,7 @@ def load_predictor(
     """
     export = read_export(export_dir)
     session = open_session(export, providers, threads)
+    max_length = max_length or export.trained_length or DEFAULT_MAX_LENGTH
     return Predictor(session, load_tokenizer(export_dir), export.task, export.info, max_length, group_by_length)
 
 

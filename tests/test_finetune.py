@@ -216,6 +216,7 @@ def test_bbc_topics_beat_tfidf_logistic_regression(bbc):
     cfg = json.loads((result.final_dir / "config.json").read_text())
     assert sorted(cfg["id2label"].values()) == ["business", "entertainment", "politics", "sports", "tech"]
     assert cfg["finetuning_task"] == "sequence-classification" and cfg["architectures"] == ["BertForSequenceClassification"]
+    assert cfg["bertops_max_length"] == 64  # predict and Triton read texts as training did
     answer = est.predict(["The striker scored twice as the club won the cup final at Wembley."])[0]
     assert answer["label"] == "sports" and set(answer["probabilities"]) == set(cfg["label2id"])
 
@@ -420,6 +421,7 @@ SERVED_TEXTS = [
 def test_export_and_triton_answer_like_predict(bbc, pos, tmp_path):
     """Fine-tuned models pass the export parity gate; Triton answers label names and entity spans like est.predict."""
     from bertops.client import Client
+    from bertops.estimator import load_torch_predictor
     from bertops.triton.builder import build_repository
     from bertops.triton.server import TritonServer
 
@@ -431,7 +433,11 @@ def test_export_and_triton_answer_like_predict(bbc, pos, tmp_path):
         config_labels = json.loads((est.model_dir / "config.json").read_text())["id2label"]
         assert json.loads((tmp_path / name / "labels.json").read_text()) == [config_labels[str(i)] for i in range(len(config_labels))]
         build_repository(tmp_path / name, name, repo, max_batch_size=8, preferred_batch_sizes=(4, 8))
+        trained = json.loads((est.model_dir / "config.json").read_text())["bertops_max_length"]
+        assert json.loads((repo / name / "1" / "bertops_model.json").read_text())["max_length"] == trained
     expected = {name: est.predict(SERVED_TEXTS) for name, est in models.items()}
+    assert [load_torch_predictor(est.model_dir).max_length for est in models.values()] == [
+        json.loads((est.model_dir / "config.json").read_text())["bertops_max_length"] for est in models.values()]
     server = TritonServer(repo, log_file=tmp_path / "server.log")
     server.start(timeout=240)
     try:

@@ -25,20 +25,20 @@ def predict(
         int, typer.Option(help="Texts per onnxruntime run (grouped by length).", rich_help_panel=ADVANCED)
     ] = 64,
     max_length: Annotated[
-        Optional[int], typer.Option(help="Truncate texts to this many tokens (default: 512).", rich_help_panel=ADVANCED)
+        Optional[int], typer.Option(help="Truncate texts to this many tokens (default: what the model was fine-tuned on, else 512).", rich_help_panel=ADVANCED)
     ] = None,
 ):
     """Run an exported model on a JSONL file in-process (onnxruntime, length-grouped batches)."""
     from rich.progress import Progress
 
-    from bertops.infer import DEFAULT_MAX_LENGTH, load_predictor, predict_file
+    from bertops.infer import load_predictor, predict_file
 
     if (model / "model.onnx").is_file() or not (model / "model.safetensors").is_file():
-        predictor = load_predictor(model, max_length=max_length or DEFAULT_MAX_LENGTH)
+        predictor = load_predictor(model, max_length=max_length)
     else:  # a fine-tuned checkpoint folder: PyTorch, then the same task post-processing
         from bertops.estimator import load_torch_predictor
 
-        predictor = load_torch_predictor(model, max_length=max_length or DEFAULT_MAX_LENGTH)
+        predictor = load_torch_predictor(model, max_length=max_length)
     with Progress(console=console, transient=True) as bar:
         job = bar.add_task("predicting", total=None)
         n = predict_file(predictor, input_file, output_file, batch_size,

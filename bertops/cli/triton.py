@@ -37,7 +37,7 @@ def build(
         help=f"Dynamic batcher queue delay in µs ({config_default('serve.max_queue_delay_us')}).",
         rich_help_panel=ADVANCED)] = None,
     max_length: Annotated[int | None, typer.Option(
-        help="Tokens per text before truncation (default: the model's position limit, at most 512).",
+        help="Tokens per text before truncation (default: what the model was fine-tuned on, else its position limit, at most 512).",
         rich_help_panel=ADVANCED)] = None,
     max_request_bytes: Annotated[int | None, typer.Option(
         help=f"TEXT bytes one request may carry; larger requests are refused ({config_default('serve.max_request_bytes')}).",

@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from bertops.artifacts import TRAINED_LENGTH_KEY
 from bertops.errors import BertopsError
 from bertops.tasks import Task
 
@@ -108,11 +109,18 @@ def build_model(model_dir: str | Path, task: Task, labels: Sequence[str], fresh_
     return model, cfg
 
 
-def mark_finetuned(folder: str | Path, task: Task) -> None:
-    """Record the task (and the HF class that loads the folder) in its config.json."""
+def mark_finetuned(folder: str | Path, task: Task, max_length: int | None = None) -> None:
+    """Record the task (and the HF class that loads the folder) in its config.json.
+
+    ``max_length`` (tokens per text it was trained on) travels as ``bertops_max_length``, through the
+    export's copy of config.json, so predict and Triton read texts the way training did by default
+    (a classifier trained on 256 tokens and read at 512 answers differently).
+    """
     path = Path(folder) / "config.json"
     raw = json.loads(path.read_text(encoding="utf-8"))
     raw[TASK_KEY] = task.name
+    if max_length:
+        raw[TRAINED_LENGTH_KEY] = int(max_length)
     if task.hf_architecture:
         raw["architectures"] = [task.hf_architecture]
     path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")

@@ -136,7 +136,7 @@ def checkpoint_to_folder(tag_dir: Path, meta: dict, task: Task, out: Path) -> Pa
     staging = out.with_name(out.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
     save_model(model, staging, tokenizer_dir=tag_dir / ckpt.TOKENIZER_DIR)
-    heads.mark_finetuned(staging, task)
+    heads.mark_finetuned(staging, task, meta.get("max_seq_len"))
     if meta.get("best"):
         (staging / BEST_FILE).write_text(json.dumps(meta["best"], indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
@@ -265,7 +265,8 @@ def finetune(
         if world.is_main:
             tag_meta = {"step": step, "position": step * t.global_batch_size, "world_size": world.world_size,
                         "zero_stage": engine.stage, "precision": plan.precision.name, "task": spec.name,
-                        "labels": labels, "model": model_meta, "best": best if improved else None}
+                        "labels": labels, "model": model_meta, "best": best if improved else None,
+                        "max_seq_len": cfg.data.max_seq_len}
             ckpt.write_manifest(ckpt_dir, tag, tag_meta, model_dir, t.keep_checkpoints)
             if improved:
                 checkpoint_to_folder(ckpt_dir / tag, tag_meta, spec, out_dir / BEST_DIR)

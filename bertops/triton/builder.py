@@ -176,7 +176,7 @@ def build_repository(
     Existing models of the same names are replaced (other models in ``repo`` are left alone); the new
     ones are assembled in a hidden folder, validated, and only then moved into place.
     ``preferred_batch_sizes`` above ``max_batch_size`` are dropped. ``max_length`` (tokens, default
-    ``min(512, max_position_embeddings)``) is where texts are truncated; a request whose TEXT holds
+    the length the model was fine-tuned on, else ``min(512, max_position_embeddings)``) is where texts are truncated; a request whose TEXT holds
     more than ``max_request_bytes`` bytes is refused. ``pipeline``: ``single`` or ``ensemble`` (module doc).
     """
     export_dir, repo = Path(export_dir), Path(repo)
@@ -200,7 +200,7 @@ def build_repository(
             f"{export_dir} is a {runtime.precision} export, which runs on OpenVINO's CPU plugin; build it with "
             f"--flavor cpu, or export with --precision fp16 for the GPU"
         )
-    limit = min(DEFAULT_MAX_LENGTH, max_positions)
+    limit = export.trained_length or min(DEFAULT_MAX_LENGTH, max_positions)
     max_length = limit if max_length is None else int(max_length)
     if not 2 <= max_length <= max_positions:
         raise BertopsError(f"max_length={max_length} is out of range for this model; use 2..{max_positions}")
