@@ -123,6 +123,29 @@ def check_request_bytes(array: np.ndarray, limit: int) -> None:
         )
 
 
+def read_text_requests(
+    requests: Sequence[Any], get_input: Any, pairs: bool, max_chars: int, max_request_bytes: int
+) -> tuple[list[list], list[int], dict[int, str]]:
+    """Each request's TEXT rows, checked and decoded: (rows of the good requests, their indices, {index: error}).
+
+    ``get_input`` is ``pb_utils.get_input_tensor_by_name`` (only the stub can import it). A request without
+    TEXT, over ``max_request_bytes`` or with invalid UTF-8 gets its own one-line error; the rest are answered.
+    """
+    decoded, owners, errors = [], [], {}
+    for i, request in enumerate(requests):
+        try:
+            tensor = get_input(request, "TEXT")
+            if tensor is None:
+                raise BertopsError("the request has no TEXT input")
+            array = tensor.as_numpy()
+            check_request_bytes(array, max_request_bytes)
+            decoded.append(decode_text_rows(array, pairs, max_chars))
+            owners.append(i)
+        except BertopsError as exc:
+            errors[i] = str(exc)
+    return decoded, owners, errors
+
+
 def tokenize_requests(
     tokenizer, requests: Sequence[tuple[list[str], list[str] | None]], max_length: int, token_level: bool
 ) -> list[dict[str, np.ndarray]]:

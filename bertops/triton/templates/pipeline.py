@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from bertops.errors import BertopsError
 from bertops.infer import Predictor, open_model
 from bertops.tokenizer import load_tokenizer
 from bertops.triton.runtime import (
@@ -39,9 +38,8 @@ from bertops.triton.runtime import (
     STAGES,
     TimedSession,
     answer_requests,
-    check_request_bytes,
-    decode_text_rows,
     load_postprocess,
+    read_text_requests,
     result_tensors,
     row_char_cap,
 )
@@ -111,18 +109,10 @@ class TritonPythonModel:
     def execute(self, requests):
         start = time.perf_counter()
         responses = [None] * len(requests)
-        decoded, owners = [], []
-        for i, request in enumerate(requests):
-            try:
-                tensor = pb_utils.get_input_tensor_by_name(request, "TEXT")
-                if tensor is None:
-                    raise BertopsError("the request has no TEXT input")
-                array = tensor.as_numpy()
-                check_request_bytes(array, self.max_request_bytes)
-                decoded.append(decode_text_rows(array, self.pairs, self.max_chars))
-                owners.append(i)
-            except BertopsError as exc:
-                responses[i] = _error(str(exc), invalid=True)
+        decoded, owners, errors = read_text_requests(requests, pb_utils.get_input_tensor_by_name, self.pairs,
+                                                     self.max_chars, self.max_request_bytes)
+        for i, message in errors.items():
+            responses[i] = _error(message, invalid=True)
         clock = self.clock
         clock["decode"] += time.perf_counter() - start
         if decoded:

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from bertops.errors import BertopsError
 from bertops.tokenizer import load_tokenizer
 from bertops.triton.runtime import (
     DEFAULT_MAX_REQUEST_BYTES,
-    check_request_bytes,
-    decode_text_rows,
     load_model_meta,
+    read_text_requests,
     row_char_cap,
     tokenize_requests,
 )
@@ -47,18 +45,10 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        decoded, owners = [], []
-        for i, request in enumerate(requests):
-            try:
-                tensor = pb_utils.get_input_tensor_by_name(request, "TEXT")
-                if tensor is None:
-                    raise BertopsError("the request has no TEXT input")
-                array = tensor.as_numpy()
-                check_request_bytes(array, self.max_request_bytes)
-                decoded.append(decode_text_rows(array, self.pairs, row_char_cap(self.max_length)))
-                owners.append(i)
-            except BertopsError as exc:
-                responses[i] = _error(str(exc))
+        decoded, owners, errors = read_text_requests(requests, pb_utils.get_input_tensor_by_name, self.pairs,
+                                                     row_char_cap(self.max_length), self.max_request_bytes)
+        for i, message in errors.items():
+            responses[i] = _error(message)
         if decoded:
             try:
                 tensors = tokenize_requests(self.tokenizer, decoded, self.max_length, self.token_level)
