@@ -13,7 +13,7 @@ app = group("Query models served by `bertops serve` (prints JSON).")
 
 Url = Annotated[str | None, typer.Option("--url", "-u", help="HOST:PORT (default 127.0.0.1:8000 http, :8001 grpc).")]
 Protocol = Annotated[str, typer.Option("--protocol", "-p", help="http or grpc.")]
-Model = Annotated[str, typer.Option("--model", "-m", help="Ensemble name (bertops triton build --name).")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Served model name (bertops triton build --name).")]
 Texts = Annotated[list[str], typer.Argument(help="Texts to send.")]
 
 

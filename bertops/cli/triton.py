@@ -21,7 +21,7 @@ Repo = Annotated[Path, typer.Option("--repo", "-r", help="Model repository folde
 @command(app, "build")
 def build(
     export: Annotated[Path, typer.Option("--export", "-e", help="Export folder (`bertops export onnx --out`).")],
-    name: Annotated[str, typer.Option("--name", "-n", help="Ensemble name clients call.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name clients call.")],
     repo: Repo = Path("triton_models"),
     flavor: Annotated[Flavor | None, typer.Option(
         help=f"cpu: onnxruntime in the python backend; gpu: onnxruntime backend ({config_default('serve.flavor')}).")] = None,
