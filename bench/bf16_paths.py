@@ -41,20 +41,10 @@ import torch
 
 from bertops.checkpoint import load_model, resolve_model_dir
 from bertops.data.corpus import bundled_sentences as sentences
+from bertops.runtimes import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore")
-
-
-def cpu_name() -> str:
-    """CPU model and its wide-vector / matrix features, from /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = sorted({f for f in info.split() if f.startswith(("avx512f", "avx512_bf16", "avx512_vnni", "amx"))})
-    return f"{name} ({', '.join(flags)})" if flags else name
 
 
 class TorchSession:
@@ -221,7 +211,7 @@ def measure(args: argparse.Namespace, work: Path) -> None:
             flush=True,
         )
     out = {
-        "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": threads,
+        "machine": {"cpu": cpu_description(), "cores": len(os.sched_getaffinity(0)), "threads": threads,
                     "native_bf16": bf16_unsupported(cpu_flags()) is None, "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "openvino": ov.__version__},
         "model": str(args.model),

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bertops.train.dsconfig import cpu_name
+from bertops.runtimes import cpu_name
 
 
 def cpu_seconds() -> float:

@@ -38,19 +38,9 @@ import torch
 from bertops.checkpoint import resolve_model_dir
 from bertops.data.corpus import bundled_sentences as sentences
 from bertops.numerics import median_ms
+from bertops.runtimes import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    """CPU model and its wide-vector features, from /proc/cpuinfo."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = sorted({f for f in info.split() if f.startswith(("avx512f", "avx512_bf16", "avx512_vnni", "amx"))})
-    return f"{name} ({', '.join(flags)})" if flags else name
 
 
 def gemm_gflops() -> float:
@@ -252,7 +242,7 @@ def main() -> None:
             low["speedup_b1x128_vs_bertops_fp32"] = round(fp32["b1x128_ms"] / low["b1x128_ms"], 2)
             low["speedup_b32_var_vs_bertops_fp32"] = round(fp32["b32_var_ms"] / low["b32_var_ms"], 2)
     out = {
-        "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_description(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                     "providers": providers, "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "transformers": transformers.__version__},
         "model": str(args.model),

@@ -190,7 +190,7 @@ def measure(cfg, data: Path, batches: list[dict], device: str, rounds: int) -> t
 
 
 def main() -> None:
-    from bertops.train.dsconfig import cpu_flags, cpu_name
+    from bertops.runtimes import bf16_unsupported, cpu_flags, cpu_name
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -212,7 +212,7 @@ def main() -> None:
         native = torch.cuda.get_device_capability()[0] >= 8
         where = torch.cuda.get_device_name()
     else:
-        native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+        native = bf16_unsupported(cpu_flags()) is None
         where = f"{cpu_name()}, {torch.get_num_threads()} threads"
     precisions = args.precisions.split(",") if args.precisions else ["fp32"] + (["bf16"] if native else [])
     data = prepare_data(args.data)

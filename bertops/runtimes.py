@@ -79,6 +79,25 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
+def cpu_name() -> str:
+    """The CPU's model name, for run logs and benchmark reports (figures are named with their CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_description() -> str:
+    """:func:`cpu_name` with the wide-vector / matrix flags that decide bf16 and int8 speed (how benchmarks name their CPU)."""
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx512f", "avx512_bf16", "avx512_vnni", "amx")))
+    return f"{cpu_name()} ({', '.join(flags)})" if flags else cpu_name()
+
+
 def bf16_unsupported(flags: Iterable[str]) -> str | None:
     """``None`` when ``flags`` include native bf16 (AVX512-BF16 or AMX-BF16); otherwise why bf16 is refused.
 

@@ -178,7 +178,8 @@ def test_shipped_ds_configs_cover_every_stage_and_offload():
 
 
 def test_precision_auto_follows_the_cpu_flags():
-    from bertops.train.dsconfig import cpu_flags, resolve_precision
+    from bertops.runtimes import cpu_flags
+    from bertops.train.dsconfig import resolve_precision
 
     chosen = resolve_precision("auto", "cpu")
     native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

@@ -15,6 +15,7 @@ from typing import Any
 
 from bertops.config import TrainConfig
 from bertops.errors import BertopsError
+from bertops.runtimes import bf16_unsupported, cpu_flags, cpu_name
 
 # Keys whose value comes from the bertops config -> the bertops key that sets it.
 REFUSED_KEYS = {
@@ -35,29 +36,6 @@ class Precision:
     reason: str  # one line for the run log: why this precision
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is missing)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
 
 def resolve_precision(requested: str, device: str) -> Precision:
     """``auto`` -> bf16 where the hardware computes it natively, else fp32; explicit choices are checked."""
@@ -68,8 +46,7 @@ def resolve_precision(requested: str, device: str) -> Precision:
         native_bf16 = major >= 8
         where = f"{torch.cuda.get_device_name()} (sm_{major}x)"
     else:
-        flags = cpu_flags()
-        native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+        native_bf16 = bf16_unsupported(cpu_flags()) is None
         where = f"{cpu_name()} ({'AVX512-BF16/AMX' if native_bf16 else 'no AVX512-BF16 or AMX'})"
     if requested == "auto":
         if native_bf16:
