@@ -7,6 +7,12 @@ postprocess -> encoder), the others in the default ``single`` layout (one python
 checked against in-process PyTorch and ``bertops.infer``; nothing is mocked except where a test says so
 (the fake ``triton_python_backend_utils`` that runs the python-model templates in-process, and a spy
 proving ``serve`` never starts).
+
+Every test that uses the exports runs twice (module-scoped ``precision`` parameter, one server each):
+on fp32 exports, and on int8 ones (``--precision int8``, the default accuracy gate). int8 answers are
+checked "within the gate" against PyTorch (conftest's bounds: embedding cosines, labels and top-k up to
+near ties) and against bertops.infer on the same int8 export with the int8 tolerance: the same runtime
+runs both, but int8 activations are quantized with each run's range, so another batching moves numbers.
 """
 
 from __future__ import annotations
@@ -26,6 +32,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    ATOL,
+    INT8_FRAGMENT_COSINE,
+    PRECISIONS,
+    assert_embeddings_within_gate,
+    assert_int8_export,
+    near_top,
+    row_cosines,
+)
 
 from bertops.config import ServeConfig
 from bertops.errors import BertopsError
@@ -64,17 +79,27 @@ def checkpoints(tiny_checkpoint) -> dict[str, Path]:
     return {name: tiny_checkpoint(task, **extra) for name, (task, extra) in HEADS.items()}
 
 
+@pytest.fixture(scope="module", params=PRECISIONS)
+def precision(request) -> str:
+    """The exports' precision: every test using them runs on fp32 and on int8 exports."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, minilm_dir, checkpoints) -> dict[str, Path]:
-    """name -> export folder: real MiniLM embeddings and three tiny random heads."""
+def exports(tmp_path_factory, minilm_dir, checkpoints, precision) -> dict[str, Path]:
+    """name -> export folder: real MiniLM embeddings and three tiny random heads, in ``precision``
+    (int8: through the default accuracy gate, no option relaxed)."""
     from bertops.export import export_onnx
 
-    root = tmp_path_factory.mktemp("exports")
+    root = tmp_path_factory.mktemp(f"exports-{precision}")
     out = {"minilm": root / "minilm"}
-    export_onnx(minilm_dir, "embeddings", out["minilm"], max_seq_len=16)
+    export_onnx(minilm_dir, "embeddings", out["minilm"], precision=precision, max_seq_len=16)
     for name, (task, _) in HEADS.items():
         out[name] = root / name
-        export_onnx(checkpoints[name], task, out[name], max_seq_len=16)
+        export_onnx(checkpoints[name], task, out[name], precision=precision, max_seq_len=16)
+    if precision == "int8":
+        for folder in out.values():
+            assert_int8_export(folder)
     return out
 
 
@@ -345,7 +370,7 @@ def _load_template(folder: Path, monkeypatch, pb) -> object:
 
 
 @pytest.mark.parametrize("name", ["ner"])
-def test_templates_in_process_one_response_per_request(name, repo, predictors, monkeypatch):
+def test_templates_in_process_one_response_per_request(name, repo, predictors, monkeypatch, precision):
     """tokenizer -> postprocess -(BLS)-> encoder with a stand-in pb_utils: a bad request in a dynamic
     batch gets its own error; the others get exactly Predictor.predict's answers."""
     holder = {}
@@ -377,11 +402,12 @@ def test_templates_in_process_one_response_per_request(name, repo, predictors, m
         texts = [r[0].decode() for r in rows]
         pairs = [r[1].decode() for r in rows] if len(rows[0]) == 2 else None
         expected = predictors[name].predict(texts, pairs)
-        assert _same(name, result, expected), (result, expected)
+        assert _same(name, result, expected, precision), (result, expected)
 
 
 @pytest.mark.parametrize("name,flavor", [("cls", "cpu"), ("mlm", "cpu"), ("minilm", "gpu")])
-def test_single_pipeline_template_one_response_per_request(name, flavor, repo, exports, predictors, monkeypatch, tmp_path):
+def test_single_pipeline_template_one_response_per_request(name, flavor, repo, exports, predictors, monkeypatch, tmp_path,
+                                                           precision):
     """The single pipeline model with a stand-in pb_utils: a bad request in a dynamic batch gets its own
     error; the others get exactly Predictor.predict's answers. The gpu flavor's BLS encoder is answered
     here by onnxruntime on the same graph (what Triton's onnxruntime backend would run)."""
@@ -427,7 +453,7 @@ def test_single_pipeline_template_one_response_per_request(name, flavor, repo, e
         first = [r[0].decode() for r in rows]
         pairs = [r[1].decode() for r in rows] if len(rows[0]) == 2 else None
         expected = predictors[name].predict(first, pairs)
-        assert _same(name, result, expected), (result, expected)
+        assert _same(name, result, expected, precision), (result, expected)
     assert json.loads(pb.get_output_tensor_by_name(responses[4], "RESULT").as_numpy()[0][0])["truncated"] is True
     if flavor == "gpu":
         assert bls_calls and set(bls_calls) == {f"{name}_encoder"}
@@ -464,32 +490,43 @@ def _numbers(name: str, answer: dict) -> np.ndarray:
     return np.asarray([c["score"] for mask in answer["masks"] for c in mask])
 
 
-def _same(name: str, got: list[dict], want: list[dict], atol: float = 1e-4) -> bool:
+def _close(name: str, a: dict, b: dict, precision: str) -> bool:
+    x, y = _numbers(name, a), _numbers(name, b)
+    if name == "minilm" and precision == "int8":  # MiniLM's int8 rows move with the batch: cosine
+        return bool(row_cosines([x], [y])[0] >= INT8_FRAGMENT_COSINE)
+    return np.allclose(x, y, atol=ATOL[precision], rtol=0)
+
+
+def _same(name: str, got: list[dict], want: list[dict], precision: str = "fp32") -> bool:
+    """Served vs in-process answers on the same export: identical labels / spans / token ids, floats
+    within the precision's tolerance (conftest.ATOL; int8 MiniLM rows by cosine)."""
     return len(got) == len(want) and all(
-        _key(name, a) == _key(name, b) and np.allclose(_numbers(name, a), _numbers(name, b), atol=atol, rtol=0)
-        for a, b in zip(got, want)
+        _key(name, a) == _key(name, b) and _close(name, a, b, precision) for a, b in zip(got, want)
     )
 
 
 @pytest.mark.slow  # starts tritonserver
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_embeddings_match_pytorch(server, exports, torch_models, protocol):
+def test_embeddings_match_pytorch(server, exports, torch_models, protocol, precision):
     from bertops.client import Client
 
     with Client(_url(server, protocol), protocol) as client:
         served = client.embed("minilm", TEXTS)
         raw = client.infer_raw("minilm", np.array([[t.encode()] for t in TEXTS], dtype=object), ("RESULT", "EMBEDDING"))
     assert served.shape == (len(TEXTS), 384)
-    for text, vector in zip(TEXTS, served):
-        reference = _torch_outputs(torch_models["minilm"], exports["minilm"], text)[0]["sentence_embedding"][0]
-        assert np.abs(vector - reference).max() < 1e-4, text
+    references = [_torch_outputs(torch_models["minilm"], exports["minilm"], t)[0]["sentence_embedding"][0] for t in TEXTS]
+    if precision == "fp32":
+        for text, vector, reference in zip(TEXTS, served, references):
+            assert np.abs(vector - reference).max() < 1e-4, text
+    else:  # the gate's cosines on the sentences ("ok" is a fragment: conftest.INT8_FRAGMENT_COSINE)
+        assert_embeddings_within_gate(served, references, TEXTS)
     np.testing.assert_allclose(raw["EMBEDDING"], served, atol=1e-7)
     assert np.allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
 
 
 @pytest.mark.slow  # starts tritonserver
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_classification_labels_match_pytorch(server, exports, torch_models, protocol):
+def test_classification_labels_match_pytorch(server, exports, torch_models, protocol, precision):
     from bertops.client import Client
 
     with Client(_url(server, protocol), protocol) as client:
@@ -499,9 +536,12 @@ def test_classification_labels_match_pytorch(server, exports, torch_models, prot
     for answers, second in ((singles, [None] * len(TEXTS)), (pairs, PAIRS)):
         for text, pair, answer in zip(TEXTS, second, answers):
             logits = _torch_outputs(torch_models["cls"], exports["cls"], text, pair)[0]["logits"][0]
-            assert answer["label"] == CLS_LABELS[int(logits.argmax())], (text, pair)
+            if precision == "fp32":
+                assert answer["label"] == CLS_LABELS[int(logits.argmax())], (text, pair)
+            else:  # int8: PyTorch's label up to a near tie (measured: int8 moves these logits by ~1e-4)
+                assert near_top(logits, [CLS_LABELS.index(answer["label"])], 2 * ATOL[precision]), (text, pair, logits)
             probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-            np.testing.assert_allclose([answer["probabilities"][k] for k in CLS_LABELS], probs, atol=1e-4)
+            np.testing.assert_allclose([answer["probabilities"][k] for k in CLS_LABELS], probs, atol=ATOL[precision])
             assert answer["truncated"] is False
     assert [x[0].decode() for x in raw["LABEL"]] == [a["label"] for a in singles]
     np.testing.assert_allclose(raw["PROBABILITIES"], [[a["probabilities"][k] for k in CLS_LABELS] for a in singles], atol=1e-6)
@@ -524,7 +564,7 @@ def _word_spans(folder: Path, text: str) -> tuple[set, set]:
 
 @pytest.mark.slow  # starts tritonserver
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_ner_spans_match_in_process_and_slice_the_text(server, exports, predictors, protocol):
+def test_ner_spans_match_in_process_and_slice_the_text(server, exports, predictors, protocol, precision):
     from bertops.client import Client
 
     with Client(_url(server, protocol), protocol) as client:
@@ -532,7 +572,7 @@ def test_ner_spans_match_in_process_and_slice_the_text(server, exports, predicto
     expected = predictors["ner"].predict(TEXTS)
     assert sum(len(s) for s in served) > 0, "the tiny random head should tag something"
     for text, spans, reference in zip(TEXTS, served, expected):
-        assert _same("ner", [{"entities": spans, "truncated": False}], [reference]), (text, spans, reference)
+        assert _same("ner", [{"entities": spans, "truncated": False}], [reference], precision), (text, spans, reference)
         starts, ends = _word_spans(exports["ner"], text)
         for span in spans:
             assert text[span["start"] : span["end"]] == span["word"]
@@ -542,7 +582,7 @@ def test_ner_spans_match_in_process_and_slice_the_text(server, exports, predicto
 
 @pytest.mark.slow  # starts tritonserver
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_fill_mask_top_k_matches_pytorch(server, exports, torch_models, protocol):
+def test_fill_mask_top_k_matches_pytorch(server, exports, torch_models, protocol, precision):
     from bertops.client import Client
 
     with Client(_url(server, protocol), protocol) as client:
@@ -553,8 +593,12 @@ def test_fill_mask_top_k_matches_pytorch(server, exports, torch_models, protocol
         positions = np.flatnonzero(batch.input_ids[0] == 103)
         assert [m[0]["position"] for m in masks] == positions.tolist()
         for pos, candidates in zip(positions, masks):
-            top = np.argsort(-out["logits"][0, pos], kind="stable")[: len(candidates)]
-            assert [c["token_id"] for c in candidates] == top.tolist(), text
+            ids = [c["token_id"] for c in candidates]
+            if precision == "fp32":
+                top = np.argsort(-out["logits"][0, pos], kind="stable")[: len(candidates)]
+                assert ids == top.tolist(), text
+            else:  # int8: PyTorch's top-5 up to near ties (measured: int8 moves these logits by <= 8e-5)
+                assert near_top(out["logits"][0, pos], ids, ATOL[precision]), (text, ids)
             assert len(candidates) == 5
 
 
@@ -564,7 +608,7 @@ def test_fill_mask_top_k_matches_pytorch(server, exports, torch_models, protocol
 
 
 @pytest.mark.slow  # starts tritonserver
-def test_sixteen_concurrent_clients(server, predictors):
+def test_sixteen_concurrent_clients(server, predictors, precision):
     from bertops.client import Client
 
     texts = TEXTS + MASK_TEXTS
@@ -581,7 +625,7 @@ def test_sixteen_concurrent_clients(server, predictors):
                     lo = (tid * 7 + j * 3) % len(texts)
                     rows = [(lo + k) % len(texts) for k in range(1 + (j % 3))]
                     answers = client.predict(name, [texts[r] for r in rows])
-                    if not _same(name, answers, [expected[name][r] for r in rows]):
+                    if not _same(name, answers, [expected[name][r] for r in rows], precision):
                         failures.append((tid, j, name, rows))
                     done += 1
         except Exception as exc:  # noqa: BLE001 - reported below
@@ -617,7 +661,7 @@ def test_sixteen_concurrent_clients(server, predictors):
 
 
 @pytest.mark.slow  # starts tritonserver
-def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, predictors):
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, predictors, precision):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
@@ -627,7 +671,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, pred
     with Client(server.http_url) as client:
         # empty string: a valid text, answered exactly as bertops.infer answers it
         for name in MODELS:
-            assert _same(name, client.predict(name, [""]), predictors[name].predict([""]))
+            assert _same(name, client.predict(name, [""]), predictors[name].predict([""]), precision)
         assert client.ner("ner", [""]) == [[]] and client.fill_mask("mlm", [""]) == [[]]
 
         # 20,000 characters: truncated to 512 tokens, and RESULT says so
@@ -635,7 +679,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, pred
         for name in MODELS:
             answer = client.predict(name, [long_text, "short"])
             assert answer[0]["truncated"] is True and answer[1]["truncated"] is False
-            assert _same(name, answer[:1], predictors[name].predict([long_text]))
+            assert _same(name, answer[:1], predictors[name].predict([long_text]), precision)
 
         # more texts than max_batch_size: the client splits them into requests of at most 8 rows
         many = [TEXTS[i % len(TEXTS)] for i in range(3 * MAX_BATCH + 1)]
@@ -693,7 +737,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, pred
     # the server is still ready and still right
     assert server.is_ready()
     with Client(server.grpc_url, "grpc") as client:
-        assert _same("ner", client.predict("ner", TEXTS), predictors["ner"].predict(TEXTS))
+        assert _same("ner", client.predict("ner", TEXTS), predictors["ner"].predict(TEXTS), precision)
 
 
 def test_client_reports_unreachable_server():
@@ -713,7 +757,7 @@ def test_client_reports_unreachable_server():
 
 
 @pytest.mark.slow  # starts tritonserver
-def test_cli_client_commands(server, predictors):
+def test_cli_client_commands(server, predictors, precision):
     from typer.testing import CliRunner
 
     from bertops.cli import app
@@ -723,7 +767,7 @@ def test_cli_client_commands(server, predictors):
     assert result.exit_code == 0, result.output
     answers = json.loads(result.stdout)
     assert [a["text"] for a in answers] == TEXTS[:2]
-    assert _same("ner", answers, predictors["ner"].predict(TEXTS[:2]))
+    assert _same("ner", answers, predictors["ner"].predict(TEXTS[:2]), precision)
     result = runner.invoke(app, ["client", "classify", "--url", server.http_url, "--model", "cls", "a", "b", "--pair", "c", "--pair", "d"])
     assert result.exit_code == 0, result.output
     assert [a["label"] for a in json.loads(result.stdout)] == [a["label"] for a in predictors["cls"].predict(["a", "b"], ["c", "d"])]
@@ -813,6 +857,7 @@ def test_serve_refuses_invalid_repositories_before_starting(repo, exports, tmp_p
 
 
 @pytest.mark.slow  # starts tritonserver
+@pytest.mark.parametrize("precision", ["fp32"], indirect=True)  # the CLI's start/stop: one more server, not two
 def test_serve_starts_prints_endpoints_and_stops_on_ctrl_c(repo, tmp_path):
     from bertops.triton.server import _free_ports
 
