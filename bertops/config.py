@@ -112,12 +112,15 @@ class DataConfig:
     mlm_probability: float = 0.15  # share of tokens chosen for masking in pretraining
     whole_word_masking: bool = False  # mask all WordPieces of a chosen word together (pretraining)
     shuffle_buffer: int = 10000  # examples in the seeded shuffle buffer of the pretraining input pipeline
+    shard_interleave: int = 16  # shards read side by side, a row of each in turn, before the buffer (1: one after another)
 
     def validate(self) -> None:
         if not 8 <= self.max_seq_len <= 8192:
             raise BertopsError(f"data.max_seq_len={self.max_seq_len} is out of range; use 8..8192")
         if not 0.0 < self.mlm_probability < 1.0:
             raise BertopsError(f"data.mlm_probability={self.mlm_probability} must be between 0 and 1")
+        if self.shard_interleave < 1:
+            raise BertopsError(f"data.shard_interleave={self.shard_interleave} must be at least 1 (1 = one shard after another)")
 
 
 @dataclass(frozen=True)

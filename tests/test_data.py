@@ -322,6 +322,31 @@ def test_stream_is_deterministic_and_shuffled(wiki_data):
     assert seen.min() >= 1 and seen.max() <= 4  # repeat: every row comes back epoch after epoch
 
 
+def test_shards_are_read_side_by_side(wiki_data):
+    """A shard holds one group of documents, dupe_factor times over: read one shard after another, a
+    buffer's worth of stream holds only that group. Interleaved, every stretch of it spans all shards,
+    and an epoch (buffer 1) still visits every row exactly once."""
+    sizes = [s["examples"] for s in read_manifest(wiki_data)["splits"]["train"]["shards"]]
+    assert len(sizes) >= 3
+    shard_of = np.repeat(np.arange(len(sizes)), sizes)
+    n, window = sum(sizes), 400
+
+    def top_shard_share(interleave: int) -> np.ndarray:
+        """Per window of the stream: the share of its rows that come from its most frequent shard."""
+        pipe = PretrainInput(wiki_data, micro_batch_size=8, global_batch_size=8, seed=5, shuffle_buffer=200,
+                             shard_interleave=interleave)
+        order = np.asarray(pipe.global_rows(0, n))
+        return np.array([np.bincount(shard_of[order[i:i + window]]).max() / window for i in range(0, n - window, window)])
+
+    side_by_side, one_by_one = top_shard_share(16), top_shard_share(1)
+    assert side_by_side.max() < 1 / len(sizes) + 0.15, side_by_side
+    assert np.median(one_by_one) > 0.9, one_by_one
+    epoch = PretrainInput(wiki_data, micro_batch_size=8, global_batch_size=8, seed=5, shuffle_buffer=1).global_rows(0, n)
+    assert sorted(epoch) == list(range(n)) and epoch != list(range(n))
+    with pytest.raises(BertopsError, match="shard interleave 0"):
+        PretrainInput(wiki_data, micro_batch_size=8, global_batch_size=8, shard_interleave=0)
+
+
 def test_resume_equals_uninterrupted_stream(wiki_data):
     full, _ = global_steps(wiki_data, 8, world_size=1, micro=8)
     first, position = global_steps(wiki_data, 5, world_size=1, micro=8)

@@ -4,7 +4,11 @@ Semantics of an Estimator ``input_fn`` (``repeat -> shuffle(buffer) -> batch``),
 cheap to resume:
 
 - source: the split's rows, epoch after epoch (repeat); each epoch visits the shards in an order
-  permuted by ``(seed, epoch)`` and each shard's rows in order;
+  permuted by ``(seed, epoch)``, ``interleave`` shards side by side (a row of each in turn, tf.data's
+  ``interleave`` with ``cycle_length``), each shard's rows in order. A shard holds the pairs of one
+  group of documents, ``dupe_factor`` times over, so reading shards one after another would feed
+  the same few thousand documents for hundreds of steps (the loss falls on them and jumps at the
+  next shard); side by side, a buffer's worth of stream spans all of them;
 - shuffle buffer of ``shuffle_buffer`` slots: each output draws a uniform slot (seeded by ``seed``),
   emits its row and refills the slot with the next source row (tf.data's algorithm);
 - global step ``s`` takes stream positions ``[s*G, (s+1)*G)`` past ``start_example``; its micro-step
@@ -13,7 +17,7 @@ cheap to resume:
   depend on the world size;
 - masking happens here, per example, seeded by ``(seed, stream position)`` (:mod:`bertops.data.masking`).
 
-The stream is a function of ``(seed, shuffle_buffer, shards)`` only: resuming from ``position``
+The stream is a function of ``(seed, shuffle_buffer, shard_interleave, shards)`` only: resuming from ``position``
 replays the buffer over row indices (no data read, ~2-3 M positions/s) and goes on identically.
 """
 
@@ -33,11 +37,15 @@ _DRAWS = 8192
 
 
 class ShuffledStream:
-    """Row indices of the global stream: repeat over shards (per-epoch shard order), then a shuffle buffer."""
+    """Row indices of the global stream: repeat over shards (per-epoch shard order, ``interleave`` side by
+    side), then a shuffle buffer."""
 
-    def __init__(self, shard_rows: list[int], seed: int, buffer: int):
+    def __init__(self, shard_rows: list[int], seed: int, buffer: int, interleave: int = 1):
         if buffer < 1:
             raise BertopsError(f"shuffle buffer {buffer} must be at least 1 (1 = no shuffling)")
+        if interleave < 1:
+            raise BertopsError(f"shard interleave {interleave} must be at least 1 (1 = one shard after another)")
+        self.interleave = int(interleave)
         self.shard_rows = list(shard_rows)
         self.starts = np.concatenate([[0], np.cumsum(self.shard_rows)]).astype(np.int64).tolist()
         self.seed = int(seed) & 0xFFFFFFFF
@@ -54,10 +62,21 @@ class ShuffledStream:
         epoch = 0
         while True:
             order = np.random.default_rng([self.seed, _SHARD_ORDER_STREAM, epoch]).permutation(len(self.shard_rows))
-            for s in order.tolist():
-                lo, hi = self.starts[s], self.starts[s + 1]
-                for b in range(lo, hi, 65536):
-                    yield list(range(b, min(b + 65536, hi)))
+            for g in range(0, len(order), self.interleave):
+                group = order[g:g + self.interleave]
+                starts = np.asarray(self.starts, dtype=np.int64)[group]
+                lengths = np.asarray(self.shard_rows, dtype=np.int64)[group]
+                # Proportional: row i of a shard of n rows sits at (i + 0.5) / n of the group's stream,
+                # so a short shard is spread over the whole group, not spent at its start.
+                chunks = -(-int(lengths.sum()) // 4096)
+                bounds = [np.ceil(lengths * c / chunks - 0.5).astype(np.int64) for c in range(chunks + 1)]
+                for c in range(chunks):
+                    lo, hi = bounds[c], bounds[c + 1]
+                    rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(lo, hi)])
+                    shard = np.repeat(np.arange(len(group)), hi - lo)
+                    place = (rows + 0.5) / lengths[shard]
+                    pick = np.lexsort((shard, place))
+                    yield (starts[shard] + rows)[pick].tolist()
             epoch += 1
 
     def _next_source(self) -> int:
@@ -150,6 +169,7 @@ class PretrainInput:
         world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 10_000,
+        shard_interleave: int = 16,
         mlm_probability: float = 0.15,
         whole_word_masking: bool = False,
         start_example: int = 0,
@@ -170,12 +190,14 @@ class PretrainInput:
             raise BertopsError(f"start example {start_example} must be >= 0")
         if shuffle_buffer < 1:
             raise BertopsError(f"shuffle buffer {shuffle_buffer} must be at least 1 (1 = no shuffling)")
+        if shard_interleave < 1:
+            raise BertopsError(f"shard interleave {shard_interleave} must be at least 1 (1 = one shard after another)")
         self.data_dir = Path(data_dir)
         self.reader = ShardReader(self.data_dir, split)
         # Keep the row groups of ~8 buffer-lengths of stream: a row outlives that in the buffer with
         # probability e^-8, so row groups are read about once.
         rows_per_group = max(1, len(self.reader) // max(1, len(self.reader.group_where)))
-        self.reader.cache_groups = max(16, 8 * shuffle_buffer // rows_per_group + 2)
+        self.reader.cache_groups = max(16, 8 * shuffle_buffer // rows_per_group + 2 + shard_interleave)
         self.manifest = self.reader.manifest
         self.seq_len = int(self.manifest["seq_len"])
         self.pad_id = int(self.manifest["tokenizer"]["special_ids"]["pad"])
@@ -184,7 +206,7 @@ class PretrainInput:
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.rank, self.world_size = rank, world_size
         self.accumulation_steps = global_batch_size // per_step
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.seed, self.shuffle_buffer, self.shard_interleave = seed, shuffle_buffer, shard_interleave
         self.pad_to_multiple_of = pad_to_multiple_of
         self.position = int(start_example)
         self.shard_rows = [s["examples"] for s in self.manifest["splits"][split]["shards"]]
@@ -201,7 +223,7 @@ class PretrainInput:
         return masked, labels, a_len, nsp
 
     def __iter__(self) -> Iterator[dict]:
-        stream = ShuffledStream(self.shard_rows, self.seed, self.shuffle_buffer)
+        stream = ShuffledStream(self.shard_rows, self.seed, self.shuffle_buffer, self.shard_interleave)
         stream.skip(self.position)
         G, M, W = self.global_batch_size, self.micro_batch_size, self.world_size
         while True:
@@ -216,7 +238,7 @@ class PretrainInput:
 
     def global_rows(self, start: int, count: int) -> list[int]:
         """Split rows at stream positions ``[start, start + count)`` (for tests and inspection)."""
-        stream = ShuffledStream(self.shard_rows, self.seed, self.shuffle_buffer)
+        stream = ShuffledStream(self.shard_rows, self.seed, self.shuffle_buffer, self.shard_interleave)
         stream.skip(start)
         return stream.take(count)
 

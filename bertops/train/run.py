@@ -250,6 +250,7 @@ def _run(cfg: Config, plan: Plan, data_dir: str | Path, resume: str | None) -> P
             return iter(PretrainInput(
                 directory, micro_batch_size=micro_batch, global_batch_size=t.global_batch_size,
                 rank=world.rank, world_size=world.world_size, seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                shard_interleave=cfg.data.shard_interleave,
                 mlm_probability=cfg.data.mlm_probability, whole_word_masking=cfg.data.whole_word_masking,
                 start_example=start_example,
             ))
