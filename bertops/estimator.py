@@ -132,14 +132,17 @@ class Estimator:
         self.result, self.model_dir, self._predictor = result, result.final_dir, None
         return result
 
-    def evaluate(self, input: Input, batch_size: int | None = None) -> dict[str, float]:
-        """The task's metrics (and mean loss) of the current model on ``input``, in this process (fp32)."""
+    def evaluate(self, input: Input, batch_size: int | None = None, max_length: int | None = None) -> dict[str, float]:
+        """The task's metrics (and mean loss) of the current model on ``input``, in this process (fp32).
+
+        Texts are cut at ``max_length`` tokens (default ``data.max_seq_len`` of the config)."""
         from bertops.finetune.loop import eval_batch_size, evaluate_folder
 
         if self.task.metrics is None or self.task.collate is None:
             raise BertopsError(f"task {self.task.name} has no metrics / collate; it cannot be evaluated")
         size = batch_size or eval_batch_size(self.config)
-        return evaluate_folder(self.model_dir, self.task, self.examples(input), self.config.data.max_seq_len, size)
+        length = max_length or self.config.data.max_seq_len
+        return evaluate_folder(self.model_dir, self.task, self.examples(input), length, size)
 
     def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None, batch_size: int = 32) -> list[dict]:
         """Answers of the task's post-processing, one dict per text (the same as bertops.infer and Triton)."""

@@ -397,7 +397,12 @@ def test_cli_evaluate_and_predict_take_the_fine_tuned_folder(bbc, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in test[:24]), encoding="utf-8")
     got = runner.invoke(app, ["evaluate", "--model", str(result.final_dir), "--data", str(data)])
     assert got.exit_code == 0, got.output
-    assert json.loads(got.output)["accuracy"] == pytest.approx(est.evaluate(test[:24])["accuracy"])
+    # read at the 64 tokens final/ was trained at (recorded in its config.json), as est.evaluate does
+    assert json.loads(got.output) == pytest.approx(est.evaluate(test[:24]))
+    longer = runner.invoke(app, ["evaluate", "--model", str(result.final_dir), "--data", str(data), "data.max_seq_len=128"])
+    assert longer.exit_code == 0, longer.output
+    assert json.loads(longer.output) == pytest.approx(est.evaluate(test[:24], max_length=128))
+    assert json.loads(longer.output)["loss"] != pytest.approx(json.loads(got.output)["loss"])
     answers = tmp_path / "answers.jsonl"
     got = runner.invoke(app, ["predict", "--model", str(result.final_dir), "--input", str(data), "--out", str(answers)])
     assert got.exit_code == 0, got.output

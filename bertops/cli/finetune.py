@@ -92,8 +92,11 @@ def evaluate(
     label_column: LabelColumn = "label",
     tokens_column: TokensColumn = "tokens",
     tags_column: TagsColumn = "tags",
+    max_length: Annotated[int | None, typer.Option(
+        help="Tokens per text (default: the length the model was fine-tuned at, else data.max_seq_len).")] = None,
 ):
     """Print a model's metrics on labelled data as one JSON object."""
+    from bertops.artifacts import trained_length
     from bertops.checkpoint import resolve_model_dir
     from bertops.errors import BertopsError
     from bertops.estimator import Estimator
@@ -105,4 +108,18 @@ def evaluate(
         raise BertopsError(f"{folder} does not say which task it was fine-tuned for; pass --task")
     est = Estimator(name, folder, config, overrides=overrides or [],
                     columns=_columns(text_column, text_pair_column, label_column, tokens_column, tags_column))
-    out.print(json.dumps(est.evaluate(data, batch_size)), highlight=False, soft_wrap=True)
+    if max_length is None and not _sets_max_seq_len(config, overrides or []):
+        max_length = trained_length(folder)  # read texts as the model was trained, unless told otherwise
+    out.print(json.dumps(est.evaluate(data, batch_size, max_length=max_length)), highlight=False, soft_wrap=True)
+
+
+def _sets_max_seq_len(config: Path | None, overrides: list[str]) -> bool:
+    """Whether the user chose data.max_seq_len (an override or the -c YAML)."""
+    import yaml
+
+    if any(o.replace(" ", "").startswith("data.max_seq_len=") for o in overrides):
+        return True
+    if config is None or not Path(config).is_file():
+        return False
+    raw = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    return isinstance(raw, dict) and "max_seq_len" in (raw.get("data") or {})
