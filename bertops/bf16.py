@@ -21,7 +21,7 @@ from bertops import runtimes
 from bertops.accuracy import GateResult, describe, metric_drop
 from bertops.errors import BertopsError
 from bertops.numerics import median_ms
-from bertops.precision import Candidate, accuracy_gate, eval_scores, gate_reference, gate_texts
+from bertops.precision import Candidate, accuracy_gate, eval_scores, gate_inputs, gate_reference
 from bertops.runtimes import BF16, OpenVINOSession, check_native_bf16
 
 
@@ -42,7 +42,7 @@ def bf16(c: Candidate) -> dict[str, Any]:
     started = time.perf_counter()
     shutil.copyfile(c.fp32_path, c.out_path)
     threads = physical_cores()
-    c.say(f"bf16: fp32 reference on {len(gate_texts(c.task)[0])} real texts")
+    c.say(f"bf16: fp32 reference on {gate_inputs(c)[2]}")
     reference_session = ort_session(c.fp32_path, threads=threads)
     reference = gate_reference(c, reference_session)
     c.say("bf16: compiling for OpenVINO's CPU plugin (INFERENCE_PRECISION_HINT=bf16)")
@@ -78,8 +78,7 @@ def bf16(c: Candidate) -> dict[str, Any]:
         "accuracy_gate": {
             "reference": "the fp32 graph of this export (onnxruntime CPU)",
             "candidate": "the same graph on OpenVINO CPU, bf16",
-            "inputs": f"bundled sentences 0-{len(gate_texts(c.task)[0]) * (2 if c.task.pairs else 1) - 1} "
-                      f"({'as pairs, ' if c.task.pairs else ''}max {c.max_seq_len} tokens); the rest are never seen at export",
+            "inputs": gate_inputs(c)[2],
             "limits": vars(c.limits),
             "figures": result.figures,
             "passed": True,

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertops.artifacts import check_exportable, path_under, task_info, writable_out_dir, write_export
+from bertops.artifacts import check_exportable, path_under, task_info, trained_length, writable_out_dir, write_export
 from bertops.checkpoint import check_checkpoint_dir, load_model
 from bertops.config import ExportConfig
 from bertops.data.corpus import bundled_sentences as sentences
@@ -373,7 +373,8 @@ def export_onnx(
             }
 
             candidate = Candidate(fp32_path, partial, om, model, task, cfg, tok, task_info(model_dir, cfg.labels()), path,
-                                  batches, max_seq_len, config or ExportConfig(), progress)
+                                  batches, max_seq_len, config or ExportConfig(), progress,
+                                  eval_length=trained_length(model_dir) or 0)
             extra = to_precision(candidate)
             parity.update(extra.pop("parity", {}))
             final_model = fp32_model if precision == "fp32" else onnx.load(str(partial), load_external_data=False)

@@ -45,6 +45,7 @@ FP16_ATOL = 2e-2
 # paired with the one GATE_ROWS // 2 further on (256 rows: a 99% agreement gate then allows 2 flips,
 # not 0 of 64). Rows from GATE_ROWS on are never seen at export (held out for tests and docs).
 GATE_ROWS = 128
+EVAL_GATE_ROWS = 512  # --eval-data texts the gate compares answers on (the metric uses the whole file)
 GATE_BATCH = 16
 
 Progress = Callable[[str], None] | None
@@ -67,6 +68,7 @@ class Candidate:
     max_seq_len: int
     config: ExportConfig = field(default_factory=ExportConfig)
     progress: Progress = None
+    eval_length: int = 0  # tokens per text for --eval-data: the length the model was fine-tuned at (0: max_seq_len)
 
     def say(self, msg: str) -> None:
         if self.progress is not None:
@@ -156,12 +158,38 @@ def run_graph(session, task: Task, info: TaskInfo, tok, groups, max_length: int)
     return Run(outputs, answers, masks)
 
 
+def eval_texts(c: Candidate) -> list[tuple[list[str], list[str] | None]]:
+    """The texts of ``--eval-data`` (up to EVAL_GATE_ROWS) as gate groups: a head fine-tuned on news is
+    gated on news, not on general sentences it was never meant to read (where near-ties flip)."""
+    from bertops.data.labeled import example_kind, examples_from
+
+    examples = examples_from(Path(c.config.eval_data), example_kind(c.task))[:EVAL_GATE_ROWS]
+    if example_kind(c.task) == "tokens":
+        return [([" ".join(ex["tokens"]) for ex in examples], None)]
+    pairs = [ex.get("text_pair") for ex in examples]
+    return [([ex["text"] for ex in examples], pairs if all(p is not None for p in pairs) else None)]
+
+
+def gate_inputs(c: Candidate) -> tuple[list[tuple[list[str], list[str] | None]], int, str]:
+    """(groups, tokens per text, description) the gate compares answers on: the ``--eval-data`` texts for
+    heads with labels (classification, token classification) when it is given, else the bundled sentences."""
+    if c.config.eval_data and c.task.needs_labels:
+        groups = eval_texts(c)
+        rows = sum(len(t) for t, _ in groups)
+        length = c.eval_length or c.max_seq_len
+        return groups, length, f"the first {rows} texts of {Path(c.config.eval_data).name} (--eval-data; max {length} tokens)"
+    described = (f"bundled sentences 0-{GATE_ROWS - 1}{' alone and as pairs' if c.task.pairs else ''} "
+                 f"({gate_rows(c.task)} rows, max {c.max_seq_len} tokens); the rest are never seen at export")
+    return gate_texts(c.task), c.max_seq_len, described
+
+
 def gate_reference(c: Candidate, session) -> Run:
-    return run_graph(session, c.task, c.info, c.tok, gate_texts(c.task), c.max_seq_len)
+    groups, length, _ = gate_inputs(c)
+    return run_graph(session, c.task, c.info, c.tok, groups, length)
 
 
 def accuracy_gate(c: Candidate, reference: Run, session) -> tuple[GateResult, Run]:
-    """``Task.gate`` of the candidate ``session`` against the fp32 ``reference`` run on the gate text."""
+    """``Task.gate`` of the candidate ``session`` against the fp32 ``reference`` run on the gate inputs."""
     if c.task.gate is None:
         raise BertopsError(f"task {c.task.name} has no accuracy gate (Task.gate), so it cannot be exported below fp32; "
                            "export --precision fp32")
@@ -181,7 +209,7 @@ def eval_scores(c: Candidate, session) -> dict[str, float]:
     if task.metrics is None or task.collate is None or not task.main_metric:
         raise BertopsError(f"task {task.name} has no metrics, so --eval-data cannot be scored; drop --eval-data")
     examples = examples_from(Path(c.config.eval_data), example_kind(task))
-    ctx = Collation(c.tok, tuple(c.info.labels), c.max_seq_len)
+    ctx = Collation(c.tok, tuple(c.info.labels), c.eval_length or c.max_seq_len)
     names = list(task.outputs)
 
     def forward(input_ids, attention_mask, token_type_ids) -> dict:

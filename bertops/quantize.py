@@ -44,13 +44,12 @@ from typing import Any
 from bertops.accuracy import GateResult, describe, metric_drop, output_cosine
 from bertops.errors import BertopsError
 from bertops.precision import (
-    GATE_ROWS,
     Candidate,
     accuracy_gate,
     check_structure,
     eval_scores,
+    gate_inputs,
     gate_reference,
-    gate_rows,
 )
 
 EMBEDDINGS, HEAD = "embeddings", "head"
@@ -126,7 +125,7 @@ def int8(c: Candidate) -> dict[str, Any]:
     fixed = [p for p in cfg.int8_fp32_parts if p in parts]
     budget = min(int(cfg.int8_max_fp32_share * len(layers) + 1e-9), len([p for p in layers if p not in fixed]))
 
-    c.say(f"int8: fp32 reference on {gate_rows(c.task)} rows of real text")
+    c.say(f"int8: fp32 reference on {gate_inputs(c)[2]}")
     reference_session = ort_session(c.fp32_path)
     reference = gate_reference(c, reference_session)
     reference_scores = None
@@ -194,8 +193,7 @@ def int8(c: Candidate) -> dict[str, Any]:
         },
         "accuracy_gate": {
             "reference": "the fp32 graph of this export (onnxruntime CPU)",
-            "inputs": f"bundled sentences 0-{GATE_ROWS - 1}{' alone and as pairs' if c.task.pairs else ''} "
-                      f"({gate_rows(c.task)} rows, max {c.max_seq_len} tokens); the rest are never seen at export",
+            "inputs": gate_inputs(c)[2],
             "limits": vars(c.limits),
             "figures": figures,
             "passed": True,

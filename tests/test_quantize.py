@@ -228,7 +228,11 @@ def test_eval_data_gates_the_main_metric(exports, heads, sentences, tmp_path):
             "--eval-data", str(data), "-c", str(config)]
     result = runner.invoke(app, [*base, "-o", str(tmp_path / "a"), "--gate-max-drop", "10"])
     assert result.exit_code == 0, result.output
-    scored = json.loads((tmp_path / "a" / "export_report.json").read_text())["accuracy_gate"]["figures"]["eval_data"]
+    gate = json.loads((tmp_path / "a" / "export_report.json").read_text())["accuracy_gate"]
+    # labels are compared on the eval texts (the head's own domain), not on the bundled sentences
+    assert gate["inputs"].startswith(f"the first {len(sentences)} texts of eval.jsonl")
+    assert gate["figures"]["rows"] == len(sentences)
+    scored = gate["figures"]["eval_data"]
     # gold = fp32's labels, so fp32 scores 1.0 and int8 scores its agreement with fp32 on these rows
     assert scored["metric"] == "accuracy" and scored["fp32"] == 1.0 and scored["examples"] == len(sentences)
     # int8 activations are quantized with one range per run, so batching moves a borderline row: within 2 rows
