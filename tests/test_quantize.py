@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -224,13 +225,18 @@ def test_eval_data_gates_the_main_metric(exports, heads, sentences, tmp_path):
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(sentences, labels)))
     config = tmp_path / "no-fallback.yaml"
     config.write_text("export:\n  int8_max_fp32_share: 0\n  gate_min_agreement: 0.97\n")
-    base = ["export", "onnx", "-m", str(heads["cls"]), "--task", SEQUENCE_CLASSIFICATION.name, "--precision", "int8",
+    # as a fine-tuned folder records it: the length its texts are read at (the gate's eval texts too)
+    head = tmp_path / "head"
+    shutil.copytree(heads["cls"], head)
+    raw = json.loads((head / "config.json").read_text())
+    (head / "config.json").write_text(json.dumps({**raw, "bertops_max_length": 96}))
+    base = ["export", "onnx", "-m", str(head), "--task", SEQUENCE_CLASSIFICATION.name, "--precision", "int8",
             "--eval-data", str(data), "-c", str(config)]
     result = runner.invoke(app, [*base, "-o", str(tmp_path / "a"), "--gate-max-drop", "10"])
     assert result.exit_code == 0, result.output
     gate = json.loads((tmp_path / "a" / "export_report.json").read_text())["accuracy_gate"]
     # labels are compared on the eval texts (the head's own domain), not on the bundled sentences
-    assert gate["inputs"].startswith(f"the first {len(sentences)} texts of eval.jsonl")
+    assert gate["inputs"] == f"the first {len(sentences)} texts of eval.jsonl (--eval-data; max 96 tokens)"
     assert gate["figures"]["rows"] == len(sentences)
     scored = gate["figures"]["eval_data"]
     # gold = fp32's labels, so fp32 scores 1.0 and int8 scores its agreement with fp32 on these rows
