@@ -117,10 +117,12 @@ class Predictor:
     info: TaskInfo
     max_length: int = DEFAULT_MAX_LENGTH
     group_by_length: bool = True  # False: one padded run per batch (for comparisons)
+    reads: tuple[str, ...] = ()  # outputs to fetch: () = task.reads; a remote encoder may offer others (graph_top_k)
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
         """One padded batch through the graph -> the outputs the task's post-processing reads."""
-        return dict(zip(self.task.reads, self.session.run(list(self.task.reads), batch.arrays())))
+        names = list(self.reads or self.task.reads)
+        return dict(zip(names, self.session.run(names, batch.arrays())))
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Batch:
         if pairs is not None and not self.task.pairs:

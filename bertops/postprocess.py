@@ -104,6 +104,9 @@ def entity_spans(
     return results
 
 
+TOP_K_OUTPUTS = ("top_k_scores", "top_k_ids")  # a graph's own top-k (bertops.graph_top_k): (B, T, K) each
+
+
 def fill_mask(
     logits: np.ndarray,
     input_ids: np.ndarray,
@@ -115,17 +118,38 @@ def fill_mask(
 
     Rows without a [MASK] give an empty list.
     """
+
+    def candidates(b: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        probs = softmax(logits[b, pos])
+        k = min(top_k, probs.shape[-1])
+        top = np.argpartition(-probs, k - 1)[:k]
+        top = top[np.argsort(-probs[top], kind="stable")]
+        return top, probs[top]
+
+    return _mask_answers(input_ids, mask_token_id, vocab, candidates)
+
+
+def fill_mask_top_k(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    input_ids: np.ndarray,
+    mask_token_id: int,
+    vocab: Sequence[str],
+    top_k: int = 5,
+) -> list[list[dict]]:
+    """The same answers as :func:`fill_mask` from a graph that took softmax + top-k itself: (B, T, K)
+    ``scores`` (probabilities, best first) and token ``ids``; the first ``top_k`` (at most K) per [MASK]."""
+    return _mask_answers(input_ids, mask_token_id, vocab, lambda b, pos: (ids[b, pos, :top_k], scores[b, pos, :top_k]))
+
+
+def _mask_answers(input_ids: np.ndarray, mask_token_id: int, vocab: Sequence[str], candidates) -> list[list[dict]]:
+    """``candidates(row, position) -> (token ids, probabilities)`` best first, for every [MASK] of every row."""
     out = []
     for b in range(input_ids.shape[0]):
-        masks = np.flatnonzero(input_ids[b] == mask_token_id)
         per_mask = []
-        for pos in masks:
-            probs = softmax(logits[b, pos])
-            k = min(top_k, probs.shape[-1])
-            top = np.argpartition(-probs, k - 1)[:k]
-            top = top[np.argsort(-probs[top], kind="stable")]
-            per_mask.append(
-                [{"token": vocab[i], "token_id": int(i), "score": float(probs[i]), "position": int(pos)} for i in top]
-            )
+        for pos in np.flatnonzero(input_ids[b] == mask_token_id):
+            top, probs = candidates(b, int(pos))
+            per_mask.append([{"token": vocab[int(i)], "token_id": int(i), "score": float(p), "position": int(pos)}
+                             for i, p in zip(top, probs)])
         out.append(per_mask)
     return out

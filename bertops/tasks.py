@@ -91,6 +91,10 @@ class Task:
     description: str = ""
     serve_outputs: tuple[ServeOutput, ...] = ()  # Triton ensemble outputs beside RESULT
     hf_architecture: str = ""  # the transformers class that loads this head (config.json "architectures")
+    # A per-token output whose softmax top-k an encoder in another process (Triton's gpu flavor) computes in
+    # its graph, so (B, T, K) postprocess.TOP_K_OUTPUTS cross the process boundary instead of (B, T, vocab).
+    # postprocess must then accept those in place of it.
+    graph_top_k: str = ""
     # Training slots (filled by the training code): loss(model outputs, batch) -> scalar tensor,
     # metrics(...) -> {name: float}, collate(examples, ...) -> batch dict, main_metric: the metrics key
     # that picks the best checkpoint. Fine-tuned tasks use the signatures in bertops.finetune.objectives.
@@ -133,6 +137,10 @@ def _check(task: Task) -> None:
             raise BertopsError(
                 f"task {task.name}: {key} names {stray[0]!r}, which is not one of outputs {task.outputs}"
             )
+    if task.graph_top_k and task.graph_top_k not in task.per_token:
+        raise BertopsError(
+            f"task {task.name}: graph_top_k names {task.graph_top_k!r}, which is not one of per_token {task.per_token}"
+        )
     if not callable(task.build_model) or not callable(task.postprocess):
         raise BertopsError(f"task {task.name}: build_model and postprocess must be functions")
     names = [o.name for o in task.serve_outputs]
@@ -276,9 +284,13 @@ FILL_MASK = register_task(
         build_model=lazy("bertops.model:BertForMaskedLM"),
         outputs=("logits",),
         postprocess=lambda out, ids, offs, wids, texts, info: [
-            {"masks": masks} for masks in pp.fill_mask(out["logits"], ids, info.mask_token_id, info.vocab, info.top_k)
+            {"masks": masks} for masks in (
+                pp.fill_mask(out["logits"], ids, info.mask_token_id, info.vocab, info.top_k) if "logits" in out
+                else pp.fill_mask_top_k(*(out[n] for n in pp.TOP_K_OUTPUTS), ids, info.mask_token_id, info.vocab,
+                                        info.top_k))
         ],
         per_token=("logits",),
+        graph_top_k="logits",
         head_keys=(_MLM_HEAD,),
         token_level=True,
         description="top-k tokens for every [MASK]",

@@ -130,6 +130,9 @@ def test_register_task_refuses_clashes_and_inconsistent_records(task):
     with pytest.raises(BertopsError, match="reads names 'logits', which is not one of outputs"):
         register_task(Task(name="broken", build_model=task.build_model, outputs=("score",),
                            postprocess=task.postprocess, reads=("logits",)))
+    with pytest.raises(BertopsError, match="graph_top_k names 'score', which is not one of per_token"):
+        register_task(Task(name="broken", build_model=task.build_model, outputs=("score",),
+                           postprocess=task.postprocess, graph_top_k="score"))
 
 
 def test_export_passes_parity_and_carries_the_plugin(export):

@@ -62,6 +62,38 @@ def test_classify_and_fill_mask():
     assert pp.fill_mask(logits, np.array([[101, 7, 8, 102]]), 103, list("abcdef"))[0] == []
 
 
+def test_graph_top_k_answers_equal_fill_mask(tmp_path):
+    """An encoder graph with softmax + top-k appended (bertops.triton.graph_top_k, the gpu flavor's) gives
+    fill_mask_top_k the answers fill_mask gives from the full logits, fp32 and fp16 logits alike."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from bertops.triton.graph_top_k import add_top_k
+
+    rng = np.random.default_rng(0)
+    vocab = [f"t{i}" for i in range(50)]
+    ids = np.array([[101, 103, 7, 103, 102], [101, 9, 103, 102, 0]])
+    for dtype, elem in ((np.float32, TensorProto.FLOAT), (np.float16, TensorProto.FLOAT16)):
+        logits = (rng.standard_normal((2, 5, 50)) * 4).astype(dtype)
+        graph = helper.make_graph(  # a stand-in encoder: its "logits" output is an identity of an input
+            [helper.make_node("Identity", ["x"], ["logits"])], "enc",
+            [helper.make_tensor_value_info("x", elem, ["batch", "sequence", 50])],
+            [helper.make_tensor_value_info("logits", elem, ["batch", "sequence", 50])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "enc.onnx"))
+        add_top_k(tmp_path / "enc.onnx", tmp_path / "topk.onnx", "logits", 5)
+        session = ort.InferenceSession(str(tmp_path / "topk.onnx"), providers=["CPUExecutionProvider"])
+        scores, top = session.run(list(pp.TOP_K_OUTPUTS), {"x": logits})
+        assert scores.shape == top.shape == (2, 5, 5) and scores.dtype == np.float32
+        want = pp.fill_mask(logits.astype(np.float32), ids, 103, vocab, top_k=3)
+        got = pp.fill_mask_top_k(scores, top, ids, 103, vocab, top_k=3)
+        assert [[[c["token_id"] for c in m] for m in row] for row in got] == \
+            [[[c["token_id"] for c in m] for m in row] for row in want]
+        assert [len(row) for row in got] == [2, 1]
+        for g, w in zip(sum(sum(got, []), []), sum(sum(want, []), [])):
+            assert g["position"] == w["position"] and abs(g["score"] - w["score"]) < 1e-5
+
+
 def test_length_buckets_cover_rows_once_and_cut_padding(sentences, minilm_dir):
     lengths = encode(load_tokenizer(minilm_dir), sentences[:32]).lengths.tolist()
     groups = length_buckets(lengths, max_batch=32)

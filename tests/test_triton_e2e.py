@@ -405,13 +405,15 @@ def test_templates_in_process_one_response_per_request(name, repo, predictors, m
         assert _same(name, result, expected, precision), (result, expected)
 
 
-@pytest.mark.parametrize("name,flavor", [("cls", "cpu"), ("mlm", "cpu"), ("minilm", "gpu")])
+@pytest.mark.parametrize("name,flavor", [("cls", "cpu"), ("mlm", "cpu"), ("minilm", "gpu"), ("mlm", "gpu")])
 def test_single_pipeline_template_one_response_per_request(name, flavor, repo, exports, predictors, monkeypatch, tmp_path,
                                                            precision):
     """The single pipeline model with a stand-in pb_utils: a bad request in a dynamic batch gets its own
     error; the others get exactly Predictor.predict's answers. The gpu flavor's BLS encoder is answered
-    here by onnxruntime on the same graph (what Triton's onnxruntime backend would run)."""
+    here by onnxruntime on the graph the repository gives NAME_encoder (what Triton's onnxruntime backend
+    would run): fill-mask's takes softmax + top-k itself, so only (rows x tokens x K) come back."""
     from bertops.infer import ort_session
+    from bertops.postprocess import TOP_K_OUTPUTS
     from bertops.triton.builder import build_repository
 
     folder = repo / name / "1"
@@ -419,11 +421,12 @@ def test_single_pipeline_template_one_response_per_request(name, flavor, repo, e
     if flavor == "gpu":
         build_repository(exports[name], name, tmp_path, flavor="gpu")
         folder = tmp_path / name / "1"
-        session = ort_session(exports[name] / "model.onnx", threads=1)
-    bls_calls = []
+        session = ort_session(tmp_path / f"{name}_encoder" / "1" / "model.onnx", threads=1)
+    bls_calls, bls_outputs = [], set()
 
     def bls(req):
         bls_calls.append(req.model_name)
+        bls_outputs.update(req.requested)
         feed = {t.name(): t.as_numpy() for t in req.tensors}
         values = session.run(req.requested, feed)
         return pb.InferenceResponse([pb.Tensor(n, v) for n, v in zip(req.requested, values)])
@@ -457,7 +460,10 @@ def test_single_pipeline_template_one_response_per_request(name, flavor, repo, e
     assert json.loads(pb.get_output_tensor_by_name(responses[4], "RESULT").as_numpy()[0][0])["truncated"] is True
     if flavor == "gpu":
         assert bls_calls and set(bls_calls) == {f"{name}_encoder"}
-        assert pb.get_output_tensor_by_name(responses[0], "EMBEDDING").as_numpy().shape == (3, 384)
+        if name == "mlm":  # the logits never cross to the python model
+            assert bls_outputs == set(TOP_K_OUTPUTS)
+        else:
+            assert pb.get_output_tensor_by_name(responses[0], "EMBEDDING").as_numpy().shape == (3, 384)
     else:
         assert not bls_calls
     assert all(model.clock[stage] > 0 for stage in ("decode", "tokenize", "encoder", "postprocess", "respond")), model.clock

@@ -52,9 +52,11 @@ from bertops.artifacts import LABELS_FILE, MODEL_FILE, PLUGIN_FILE, copy_support
 from bertops.config import ServeConfig
 from bertops.errors import BertopsError
 from bertops.infer import DEFAULT_MAX_LENGTH
+from bertops.postprocess import TOP_K_OUTPUTS
 from bertops.runtimes import OPENVINO, export_runtime
-from bertops.tasks import Task
+from bertops.tasks import Task, TaskInfo
 from bertops.tokenizer import encode, load_tokenizer
+from bertops.triton.graph_top_k import add_top_k
 from bertops.triton.runtime import DEFAULT_MAX_REQUEST_BYTES, ENCODER_INPUTS, META_FILE, string_tensor_bytes
 from bertops.triton.validate import _pb, _text_format, onnx_signature, validate_repository
 
@@ -138,6 +140,7 @@ class _Build:
     meta: dict
     params: dict
     sample: object  # the tokenized warmup text
+    encoder_outputs: list  # what the python side asks the encoder for: task.reads, or TOP_K_OUTPUTS (graph_top_k)
 
     def folder(self, name: str, warmup: bool = True) -> Path:
         folder = self.staging / name
@@ -234,10 +237,12 @@ def build_repository(
             "token_level": task.token_level, "max_request_bytes": int(max_request_bytes),
             "runtime": runtime.as_dict()}  # what runs model.onnx in a python model (bertops.infer.open_model)
     params = {"bertops_task": task.name, "bertops_max_length": max_length}
+    # gpu flavor: the encoder is another process; a task with graph_top_k has it take top-k in its graph
+    encoder_outputs = list(TOP_K_OUTPUTS) if flavor == "gpu" and task.graph_top_k else list(task.reads)
     try:
         sample = encode(load_tokenizer(export_dir), [WARMUP_TEXT], max_length=max_length)
         b = _Build(export_dir, staging, _pb(), task, labels, signature, flavor, max_batch_size, preferred,
-                   max_queue_delay_us, instances, meta, params, sample)
+                   max_queue_delay_us, instances, meta, params, sample, encoder_outputs)
         if pipeline == "single":
             written = [_pipeline_model(b, name)]
             if flavor == "gpu":
@@ -276,7 +281,7 @@ def _pipeline_model(b: _Build, name: str) -> str:
         b.text_warmup(cfg, folder)
     _template("pipeline", folder / "1")
     _copy_support(b.export_dir, folder / "1", {**b.meta, "role": "pipeline", "encoder": encoder,
-                                               "encoder_outputs": list(b.task.reads), "labels": b.labels}, labels=True)
+                                               "encoder_outputs": b.encoder_outputs, "labels": b.labels}, labels=True)
     if encoder is None:
         _copy_onnx(b.export_dir, folder / "1")
     where = "onnxruntime in this process" if encoder is None else f"{encoder} over BLS"
@@ -313,12 +318,19 @@ def _encoder_model(b: _Build, name: str) -> str:
         _tensor(b.pb, cfg.input, n, dtype, dims[1:])
     for n, (dtype, dims) in b.signature["outputs"].items():
         _tensor(b.pb, cfg.output, n, dtype, dims[1:])
+    top_k = b.flavor == "gpu" and bool(b.task.graph_top_k)
+    if top_k:
+        scores, ids = TOP_K_OUTPUTS
+        _tensor(b.pb, cfg.output, scores, "TYPE_FP32", [-1, TaskInfo.top_k])
+        _tensor(b.pb, cfg.output, ids, "TYPE_INT64", [-1, TaskInfo.top_k])
     b.common(cfg, kind)
     width = int(b.sample.input_ids.shape[1])
     _warmup(b.pb, cfg, {n: (b.signature["inputs"][n][0], [width]) for n in ENCODER_INPUTS})
     for n, arr in b.sample.arrays().items():
         (folder / "warmup" / n).write_bytes(np.ascontiguousarray(arr[0], dtype="<i8").tobytes())
     _copy_onnx(b.export_dir, folder / "1")
+    if top_k:  # softmax + top-k in the graph: (B, T, K) cross the process boundary, not (B, T, vocab)
+        add_top_k(b.export_dir / MODEL_FILE, folder / "1" / MODEL_FILE, b.task.graph_top_k, TaskInfo.top_k)
     if b.flavor == "cpu":
         _template("encoder", folder / "1")
         _write_meta(folder / "1", {**b.meta, "role": "encoder"})
@@ -340,7 +352,7 @@ def _postprocess_model(b: _Build, name: str, encoder: str) -> str:
     b.common(cfg, bertops_encoder=encoder)
     _template("postprocess", folder / "1")
     _copy_support(b.export_dir, folder / "1", {**b.meta, "role": "postprocess", "encoder": encoder,
-                                               "encoder_outputs": list(b.task.reads), "labels": b.labels}, labels=True)
+                                               "encoder_outputs": b.encoder_outputs, "labels": b.labels}, labels=True)
     _write_config(folder, cfg, f"{name}: BLS to {encoder} per length bucket, then bertops.tasks {b.task.name} "
                                f"postprocess -> JSON")
     return name

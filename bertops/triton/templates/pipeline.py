@@ -10,7 +10,8 @@ The encoder: ``model.onnx`` next to this file inside this process (cpu flavor: o
 runtime the export names, through ``bertops.infer.open_model``; the CPUs this process may use divided
 evenly between the model's instances as intra-op threads), or
 ``NAME_encoder`` over BLS (gpu flavor, Triton's onnxruntime backend). In-process, even fill-mask's
-(rows x tokens x vocab) logits never leave this process; top-k is taken here.
+(rows x tokens x vocab) logits never leave this process; top-k is taken here. Over BLS, the encoder's
+graph takes softmax + top-k itself (``Task.graph_top_k``), so (rows x tokens x K) cross instead.
 
 A request with invalid UTF-8, a bad shape, or more TEXT bytes than ``max_request_bytes``
 (bertops_model.json) gets an INVALID_ARG error of its own; the others in the batch are answered.
@@ -90,7 +91,8 @@ class TritonPythonModel:
             threads = max(1, len(os.sched_getaffinity(0)) // instances)
             session = open_model(folder / "model.onnx", self.meta.get("runtime"), ["CPUExecutionProvider"], threads)
         max_length = int(self.meta["max_length"])
-        self.predictor = Predictor(TimedSession(session, self.clock), load_tokenizer(folder), task, info, max_length)
+        self.predictor = Predictor(TimedSession(session, self.clock), load_tokenizer(folder), task, info, max_length,
+                                   reads=tuple(self.meta.get("encoder_outputs", ())))
         self.max_batch = int(self.meta["max_batch_size"])
         self.max_chars = row_char_cap(max_length)
         self.max_request_bytes = int(self.meta.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
