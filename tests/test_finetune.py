@@ -425,12 +425,17 @@ SERVED_TEXTS = [
 @pytest.mark.slow
 def test_export_and_triton_answer_like_predict(bbc, pos, tmp_path):
     """Fine-tuned models pass the export parity gate; Triton answers label names and entity spans like est.predict."""
+    from bertops.accuracy import GateLimits
     from bertops.client import Client
+    from bertops.config import ExportConfig
     from bertops.estimator import load_torch_predictor
+    from bertops.infer import load_predictor
     from bertops.triton.builder import build_repository
     from bertops.triton.server import TritonServer
 
     models = {"topics": bbc[0], "pos": pos[0]}
+    # int8 too, gated on each head's own held-out texts (--eval-data): the BBC test articles, the Brown test sentences
+    eval_rows = {"topics": bbc[3], "pos": [{"tokens": ex["tokens"], "tags": ex["tags"]} for ex in pos[2]]}
     repo = tmp_path / "repo"
     for name, est in models.items():
         report = est.export(tmp_path / name, max_seq_len=32)
@@ -440,16 +445,35 @@ def test_export_and_triton_answer_like_predict(bbc, pos, tmp_path):
         build_repository(tmp_path / name, name, repo, max_batch_size=8, preferred_batch_sizes=(4, 8))
         trained = json.loads((est.model_dir / "config.json").read_text())["bertops_max_length"]
         assert json.loads((repo / name / "1" / "bertops_model.json").read_text())["max_length"] == trained
+        rows = tmp_path / f"{name}-eval.jsonl"
+        rows.write_text("".join(json.dumps(r) + "\n" for r in eval_rows[name]), encoding="utf-8")
+        report = est.export(tmp_path / f"{name}_int8", max_seq_len=32, precision="int8",
+                            config=ExportConfig(precision="int8", eval_data=str(rows)))
+        gate = report["accuracy_gate"]
+        assert gate["passed"] and gate["limits"] == vars(GateLimits()), gate  # the default gate, not relaxed
+        assert gate["inputs"].startswith(f"the first {min(512, len(eval_rows[name]))} texts of {rows.name}")
+        assert gate["figures"]["eval_data"]["drop_points"] <= 0.5, gate["figures"]  # (int8 may also score higher)
+        build_repository(tmp_path / f"{name}_int8", f"{name}_int8", repo, max_batch_size=8, preferred_batch_sizes=(4, 8))
     expected = {name: est.predict(SERVED_TEXTS) for name, est in models.items()}
+    expected.update({f"{name}_int8": load_predictor(tmp_path / f"{name}_int8").predict(SERVED_TEXTS) for name in models})
     assert [load_torch_predictor(est.model_dir).max_length for est in models.values()] == [
         json.loads((est.model_dir / "config.json").read_text())["bertops_max_length"] for est in models.values()]
     server = TritonServer(repo, log_file=tmp_path / "server.log")
     server.start(timeout=240)
     try:
         with Client(server.http_url) as client:
-            served = {name: client.predict(name, SERVED_TEXTS) for name in models}
+            served = {name: client.predict(name, SERVED_TEXTS) for name in expected}
     finally:
         server.stop()
+    # int8 served = int8 in-process (labels and spans identical), and within the gate of fp32's answers
+    assert [r["label"] for r in served["topics_int8"]] == [r["label"] for r in expected["topics_int8"]]
+    for want, got in zip(expected["topics_int8"], served["topics_int8"]):
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=2e-3)
+    assert sum(a["label"] == b["label"] for a, b in zip(served["topics_int8"], expected["topics"])) >= len(SERVED_TEXTS) - 1
+    spans = {k: [[(s["entity"], s["start"], s["end"]) for s in r["entities"]] for r in served[k]] for k in ("pos", "pos_int8")}
+    assert spans["pos_int8"] == [[(s["entity"], s["start"], s["end"]) for s in r["entities"]] for r in expected["pos_int8"]]
+    same = sum(len(set(a) & set(b)) for a, b in zip(spans["pos"], spans["pos_int8"]))
+    assert 2 * same / (sum(map(len, spans["pos"])) + sum(map(len, spans["pos_int8"]))) >= 0.9
     for want, got in zip(expected["topics"], served["topics"]):
         assert got["label"] == want["label"]
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
