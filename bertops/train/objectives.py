@@ -22,7 +22,8 @@ def pretraining_metrics(outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
     mlm_count = torch.tensor(float(masked.numel()), device=labels.device)
     nsp_ref = batch["next_sentence_label"].view(-1)
     nsp_pred = outputs["nsp_logits"].argmax(-1)
-    mlm_correct = (outputs["logits"].argmax(-1) == masked).sum().float() if masked.numel() else mlm_count * 0
+    # max(-1).indices: the same first-maximum index as argmax, but CPU's argmax over (N, 30522) is ~4x slower
+    mlm_correct = (outputs["logits"].max(-1).indices == masked).sum().float() if masked.numel() else mlm_count * 0
     return {
         "mlm_loss": outputs["mlm_loss"].detach().float(),
         "nsp_loss": outputs["nsp_loss"].detach().float(),
