@@ -405,6 +405,37 @@ def test_templates_in_process_one_response_per_request(name, repo, predictors, m
         assert _same(name, result, expected, precision), (result, expected)
 
 
+def test_gpu_ensemble_fill_mask_takes_top_k_in_the_encoder(exports, predictors, monkeypatch, tmp_path, precision):
+    """gpu flavor, ensemble layout: tokenizer -> postprocess -(BLS)-> NAME_encoder, whose graph (run here by
+    onnxruntime, as Triton's onnxruntime backend would) takes softmax + top-k; only those cross, and the
+    answers are Predictor.predict's."""
+    from bertops.infer import ort_session
+    from bertops.postprocess import TOP_K_OUTPUTS
+    from bertops.triton.builder import build_repository
+
+    build_repository(exports["mlm"], "mlm", tmp_path, flavor="gpu", pipeline="ensemble")
+    session = ort_session(tmp_path / "mlm_encoder" / "1" / "model.onnx", threads=1)
+    requested = set()
+
+    def bls(req):
+        requested.update(req.requested)
+        values = session.run(req.requested, {t.name(): t.as_numpy() for t in req.tensors})
+        return pb.InferenceResponse([pb.Tensor(n, v) for n, v in zip(req.requested, values)])
+
+    pb = _fake_pb_utils(bls)
+    tokenizer = _load_template(tmp_path / "mlm_tokenizer" / "1", monkeypatch, pb)
+    post = _load_template(tmp_path / "mlm_postprocess" / "1", monkeypatch, pb)
+    text = pb.Tensor("TEXT", np.array([[t.encode()] for t in MASK_TEXTS], dtype=np.object_))
+    tokens = tokenizer.execute([pb.Request([text])])[0]
+    assert not tokens.has_error()
+    response = post.execute([pb.Request(tokens.output_tensors + [text])])[0]
+    assert not response.has_error(), response.error().message()
+    result = [json.loads(x[0]) for x in pb.get_output_tensor_by_name(response, "RESULT").as_numpy()]
+    assert requested == set(TOP_K_OUTPUTS)  # never the (rows x tokens x vocab) logits
+    assert _same("mlm", result, predictors["mlm"].predict(MASK_TEXTS), precision), result
+    assert [len(r["masks"]) for r in result] == [1, 2, 0]
+
+
 @pytest.mark.parametrize("name,flavor", [("cls", "cpu"), ("mlm", "cpu"), ("minilm", "gpu"), ("mlm", "gpu")])
 def test_single_pipeline_template_one_response_per_request(name, flavor, repo, exports, predictors, monkeypatch, tmp_path,
                                                            precision):
