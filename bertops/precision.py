@@ -69,6 +69,9 @@ class Candidate:
     config: ExportConfig = field(default_factory=ExportConfig)
     progress: Progress = None
     eval_length: int = 0  # tokens per text for --eval-data: the length the model was fine-tuned at (0: max_seq_len)
+    # Read once per export, not once per gate attempt (the int8 fallback gates many candidates).
+    _eval_examples: list | None = field(default=None, init=False, repr=False, compare=False)
+    _gate_inputs: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def say(self, msg: str) -> None:
         if self.progress is not None:
@@ -161,18 +164,33 @@ def run_graph(session, task: Task, info: TaskInfo, tok, groups, max_length: int)
 def eval_texts(c: Candidate) -> list[tuple[list[str], list[str] | None]]:
     """The texts of ``--eval-data`` (up to EVAL_GATE_ROWS) as gate groups: a head fine-tuned on news is
     gated on news, not on general sentences it was never meant to read (where near-ties flip)."""
-    from bertops.data.labeled import example_kind, examples_from
+    from bertops.data.labeled import example_kind
 
-    examples = examples_from(Path(c.config.eval_data), example_kind(c.task))[:EVAL_GATE_ROWS]
+    examples = eval_examples(c)[:EVAL_GATE_ROWS]
     if example_kind(c.task) == "tokens":
         return [([" ".join(ex["tokens"]) for ex in examples], None)]
     pairs = [ex.get("text_pair") for ex in examples]
     return [([ex["text"] for ex in examples], pairs if all(p is not None for p in pairs) else None)]
 
 
+def eval_examples(c: Candidate) -> list[dict]:
+    """The checked examples of ``config.eval_data`` (the fine-tuning formats), read on first use."""
+    from bertops.data.labeled import example_kind, examples_from
+
+    if c._eval_examples is None:
+        c._eval_examples = examples_from(Path(c.config.eval_data), example_kind(c.task))
+    return c._eval_examples
+
+
 def gate_inputs(c: Candidate) -> tuple[list[tuple[list[str], list[str] | None]], int, str]:
     """(groups, tokens per text, description) the gate compares answers on: the ``--eval-data`` texts for
     heads with labels (classification, token classification) when it is given, else the bundled sentences."""
+    if c._gate_inputs is None:
+        c._gate_inputs = _gate_inputs(c)
+    return c._gate_inputs
+
+
+def _gate_inputs(c: Candidate) -> tuple[list[tuple[list[str], list[str] | None]], int, str]:
     if c.config.eval_data and c.task.needs_labels:
         groups = eval_texts(c)
         rows = sum(len(t) for t, _ in groups)
@@ -201,14 +219,13 @@ def eval_scores(c: Candidate, session) -> dict[str, float]:
     """The task's metrics on ``config.eval_data`` (labelled file, the fine-tuning formats) through ``session``."""
     import torch
 
-    from bertops.data.labeled import example_kind, examples_from
     from bertops.finetune.loop import evaluate
     from bertops.finetune.objectives import Collation
 
     task = c.task
     if task.metrics is None or task.collate is None or not task.main_metric:
         raise BertopsError(f"task {task.name} has no metrics, so --eval-data cannot be scored; drop --eval-data")
-    examples = examples_from(Path(c.config.eval_data), example_kind(task))
+    examples = eval_examples(c)
     ctx = Collation(c.tok, tuple(c.info.labels), c.eval_length or c.max_seq_len)
     names = list(task.outputs)
 

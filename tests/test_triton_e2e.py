@@ -405,6 +405,17 @@ def test_templates_in_process_one_response_per_request(name, repo, predictors, m
         assert _same(name, result, expected, precision), (result, expected)
 
 
+def _onnx_bls(pb, session, req, calls: list | None = None, requested: set | None = None):
+    """A BLS request to the encoder, answered by onnxruntime ``session`` on the encoder's graph (what
+    Triton's onnxruntime backend would run); notes the model called and the outputs asked for."""
+    if calls is not None:
+        calls.append(req.model_name)
+    if requested is not None:
+        requested.update(req.requested)
+    values = session.run(req.requested, {t.name(): t.as_numpy() for t in req.tensors})
+    return pb.InferenceResponse([pb.Tensor(n, v) for n, v in zip(req.requested, values)])
+
+
 def test_gpu_ensemble_fill_mask_takes_top_k_in_the_encoder(exports, predictors, monkeypatch, tmp_path, precision):
     """gpu flavor, ensemble layout: tokenizer -> postprocess -(BLS)-> NAME_encoder, whose graph (run here by
     onnxruntime, as Triton's onnxruntime backend would) takes softmax + top-k; only those cross, and the
@@ -417,12 +428,7 @@ def test_gpu_ensemble_fill_mask_takes_top_k_in_the_encoder(exports, predictors, 
     session = ort_session(tmp_path / "mlm_encoder" / "1" / "model.onnx", threads=1)
     requested = set()
 
-    def bls(req):
-        requested.update(req.requested)
-        values = session.run(req.requested, {t.name(): t.as_numpy() for t in req.tensors})
-        return pb.InferenceResponse([pb.Tensor(n, v) for n, v in zip(req.requested, values)])
-
-    pb = _fake_pb_utils(bls)
+    pb = _fake_pb_utils(lambda req: _onnx_bls(pb, session, req, requested=requested))
     tokenizer = _load_template(tmp_path / "mlm_tokenizer" / "1", monkeypatch, pb)
     post = _load_template(tmp_path / "mlm_postprocess" / "1", monkeypatch, pb)
     text = pb.Tensor("TEXT", np.array([[t.encode()] for t in MASK_TEXTS], dtype=np.object_))
@@ -455,14 +461,7 @@ def test_single_pipeline_template_one_response_per_request(name, flavor, repo, e
         session = ort_session(tmp_path / f"{name}_encoder" / "1" / "model.onnx", threads=1)
     bls_calls, bls_outputs = [], set()
 
-    def bls(req):
-        bls_calls.append(req.model_name)
-        bls_outputs.update(req.requested)
-        feed = {t.name(): t.as_numpy() for t in req.tensors}
-        values = session.run(req.requested, feed)
-        return pb.InferenceResponse([pb.Tensor(n, v) for n, v in zip(req.requested, values)])
-
-    pb = _fake_pb_utils(bls)
+    pb = _fake_pb_utils(lambda req: _onnx_bls(pb, session, req, calls=bls_calls, requested=bls_outputs))
     model = _load_template(folder, monkeypatch, pb)
 
     def text_request(rows):

@@ -140,7 +140,16 @@ class _Build:
     meta: dict
     params: dict
     sample: object  # the tokenized warmup text
-    encoder_outputs: list  # what the python side asks the encoder for: task.reads, or TOP_K_OUTPUTS (graph_top_k)
+
+    @property
+    def graph_top_k(self) -> bool:
+        """gpu flavor: the encoder is another process, so a task with graph_top_k has it take top-k in its graph."""
+        return self.flavor == "gpu" and bool(self.task.graph_top_k)
+
+    @property
+    def encoder_outputs(self) -> list:
+        """What the python side asks the encoder for: the task's reads, or TOP_K_OUTPUTS."""
+        return list(TOP_K_OUTPUTS) if self.graph_top_k else list(self.task.reads)
 
     def folder(self, name: str, warmup: bool = True) -> Path:
         folder = self.staging / name
@@ -237,12 +246,10 @@ def build_repository(
             "token_level": task.token_level, "max_request_bytes": int(max_request_bytes),
             "runtime": runtime.as_dict()}  # what runs model.onnx in a python model (bertops.infer.open_model)
     params = {"bertops_task": task.name, "bertops_max_length": max_length}
-    # gpu flavor: the encoder is another process; a task with graph_top_k has it take top-k in its graph
-    encoder_outputs = list(TOP_K_OUTPUTS) if flavor == "gpu" and task.graph_top_k else list(task.reads)
     try:
         sample = encode(load_tokenizer(export_dir), [WARMUP_TEXT], max_length=max_length)
         b = _Build(export_dir, staging, _pb(), task, labels, signature, flavor, max_batch_size, preferred,
-                   max_queue_delay_us, instances, meta, params, sample, encoder_outputs)
+                   max_queue_delay_us, instances, meta, params, sample)
         if pipeline == "single":
             written = [_pipeline_model(b, name)]
             if flavor == "gpu":
@@ -318,8 +325,7 @@ def _encoder_model(b: _Build, name: str) -> str:
         _tensor(b.pb, cfg.input, n, dtype, dims[1:])
     for n, (dtype, dims) in b.signature["outputs"].items():
         _tensor(b.pb, cfg.output, n, dtype, dims[1:])
-    top_k = b.flavor == "gpu" and bool(b.task.graph_top_k)
-    if top_k:
+    if b.graph_top_k:
         scores, ids = TOP_K_OUTPUTS
         _tensor(b.pb, cfg.output, scores, "TYPE_FP32", [-1, TaskInfo.top_k])
         _tensor(b.pb, cfg.output, ids, "TYPE_INT64", [-1, TaskInfo.top_k])
@@ -329,7 +335,7 @@ def _encoder_model(b: _Build, name: str) -> str:
     for n, arr in b.sample.arrays().items():
         (folder / "warmup" / n).write_bytes(np.ascontiguousarray(arr[0], dtype="<i8").tobytes())
     _copy_onnx(b.export_dir, folder / "1")
-    if top_k:  # softmax + top-k in the graph: (B, T, K) cross the process boundary, not (B, T, vocab)
+    if b.graph_top_k:  # softmax + top-k in the graph: (B, T, K) cross the process boundary, not (B, T, vocab)
         add_top_k(b.export_dir / MODEL_FILE, folder / "1" / MODEL_FILE, b.task.graph_top_k, TaskInfo.top_k)
     if b.flavor == "cpu":
         _template("encoder", folder / "1")

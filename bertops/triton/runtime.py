@@ -194,6 +194,35 @@ class TimedSession:
             self.clock["encoder"] = self.clock.get("encoder", 0.0) + time.perf_counter() - start
 
 
+class BlsEncoder:
+    """``run(names, feed)`` like an onnxruntime session, answered by the Triton model ``name`` over BLS.
+
+    ``pb`` is the python backend's ``triton_python_backend_utils`` (passed in: this module is imported
+    outside Triton too). Outputs are asked for in CPU memory where the backend can say so (a GPU encoder).
+    """
+
+    def __init__(self, pb, name: str):
+        self.pb, self.name = pb, name
+        self.memory = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0) if hasattr(pb, "PreferredMemory") else None
+
+    def run(self, names, feed) -> list[np.ndarray]:
+        pb = self.pb
+        inputs = [pb.Tensor(n, np.ascontiguousarray(feed[n], dtype=np.int64)) for n in ENCODER_INPUTS]
+        kwargs = {"model_name": self.name, "requested_output_names": list(names), "inputs": inputs}
+        if self.memory is not None:
+            kwargs["preferred_memory"] = self.memory
+        response = pb.InferenceRequest(**kwargs).exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.name} failed: {response.error().message()}")
+        out = []
+        for n in names:
+            tensor = pb.get_output_tensor_by_name(response, n)
+            if tensor is None:
+                raise RuntimeError(f"{self.name} returned no {n}")
+            out.append(tensor.as_numpy())
+        return out
+
+
 def answer_requests(
     predictor, requests: Sequence[tuple[list[str], list[str] | None]], max_batch: int,
     clock: dict[str, float] | None = None,

@@ -28,15 +28,14 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from bertops.infer import Predictor, open_model
 from bertops.tokenizer import load_tokenizer
 from bertops.triton.runtime import (
     DEFAULT_MAX_REQUEST_BYTES,
-    ENCODER_INPUTS,
     STAGES,
+    BlsEncoder,
     TimedSession,
     answer_requests,
     load_postprocess,
@@ -52,32 +51,6 @@ def _error(message, invalid=False):
     return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
-class BlsEncoder:
-    """``run(names, feed)`` like an onnxruntime session, answered by the Triton model ``name`` over BLS."""
-
-    def __init__(self, name):
-        self.name = name
-        self.memory = None
-        if hasattr(pb_utils, "PreferredMemory"):  # a GPU encoder: ask for its outputs in CPU memory
-            self.memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
-
-    def run(self, names, feed):
-        inputs = [pb_utils.Tensor(n, np.ascontiguousarray(feed[n], dtype=np.int64)) for n in ENCODER_INPUTS]
-        kwargs = {"model_name": self.name, "requested_output_names": list(names), "inputs": inputs}
-        if self.memory is not None:
-            kwargs["preferred_memory"] = self.memory
-        response = pb_utils.InferenceRequest(**kwargs).exec()
-        if response.has_error():
-            raise RuntimeError(f"{self.name} failed: {response.error().message()}")
-        out = []
-        for n in names:
-            tensor = pb_utils.get_output_tensor_by_name(response, n)
-            if tensor is None:
-                raise RuntimeError(f"{self.name} returned no {n}")
-            out.append(tensor.as_numpy())
-        return out
-
-
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
@@ -85,7 +58,7 @@ class TritonPythonModel:
         task, info, self.meta = load_postprocess(folder)
         self.clock = dict.fromkeys(STAGES, 0.0)
         if self.meta.get("encoder"):
-            session = BlsEncoder(self.meta["encoder"])
+            session = BlsEncoder(pb_utils, self.meta["encoder"])
         else:
             instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
             threads = max(1, len(os.sched_getaffinity(0)) // instances)

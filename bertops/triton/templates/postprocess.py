@@ -13,13 +13,13 @@ this file (``bertops.artifacts.load_task``).
 
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from bertops.infer import length_buckets
 from bertops.triton.runtime import (
     ENCODER_INPUTS,
     TOKEN_LEVEL_INPUTS,
+    BlsEncoder,
     decode_text_rows,
     load_postprocess,
     result_tensors,
@@ -45,25 +45,11 @@ class TritonPythonModel:
         self.labels = list(self.meta.get("labels", []))
         token_level = list(TOKEN_LEVEL_INPUTS) if self.meta["token_level"] else []
         self.inputs = list(ENCODER_INPUTS) + token_level + ["TRUNCATED"]
-        self.preferred_memory = None
-        if hasattr(pb_utils, "PreferredMemory"):  # GPU encoders (gpu flavor): ask for outputs in CPU memory
-            self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        self.session = BlsEncoder(pb_utils, self.encoder)
 
     def _encode(self, sub):
-        inputs = [pb_utils.Tensor(n, np.ascontiguousarray(getattr(sub, n), dtype=np.int64)) for n in ENCODER_INPUTS]
-        kwargs = dict(model_name=self.encoder, requested_output_names=self.encoder_outputs, inputs=inputs)
-        if self.preferred_memory is not None:
-            kwargs["preferred_memory"] = self.preferred_memory
-        response = pb_utils.InferenceRequest(**kwargs).exec()
-        if response.has_error():
-            raise RuntimeError(f"{self.encoder} failed: {response.error().message()}")
-        out = {}
-        for name in self.encoder_outputs:
-            tensor = pb_utils.get_output_tensor_by_name(response, name)
-            if tensor is None:
-                raise RuntimeError(f"{self.encoder} returned no {name}")
-            out[name] = tensor.as_numpy()
-        return out
+        values = self.session.run(self.encoder_outputs, {n: getattr(sub, n) for n in ENCODER_INPUTS})
+        return dict(zip(self.encoder_outputs, values))
 
     def execute(self, requests):
         responses = [None] * len(requests)
