@@ -16,6 +16,10 @@ the requests served: microseconds of each hop per request.
     python bench/serving.py --out bench/results/serving.json
     python bench/serving.py --precisions fp32,int8 --work /tmp/serving --prepare-only   # exports first,
     python bench/serving.py --precisions fp32,int8 --work /tmp/serving                 # then only timing
+    python bench/serving.py --flavor cuda --precisions fp32,fp16 --pipelines single    # encoder on the GPU
+
+``--flavor cuda`` builds the repositories with the encoder on onnxruntime's CUDA provider inside the
+python models (onnxruntime-gpu in this Python) and times the in-process side on the same provider.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from bertops.errors import BertopsError
 from bertops.export import export_onnx
 from bertops.infer import load_predictor, physical_cores
 from bertops.tasks import EMBEDDINGS, get_task
-from bertops.triton.builder import build_repository
+from bertops.triton.builder import PROVIDERS, build_repository
 from bertops.triton.server import TritonServer
 from bertops.triton.wheel import find_perf_analyzer, perf_analyzer_env
 
@@ -50,31 +54,36 @@ ROOT = Path(__file__).resolve().parents[1]
 NER = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
 
 
-def make_export(task: str, work: Path, precision: str = "fp32") -> Path:
-    """The export folder of ``task`` at ``precision`` in ``work`` (reused when a complete one is there)."""
+def make_export(task: str, work: Path, precision: str = "fp32", model: str = "all-MiniLM-L6-v2") -> Path:
+    """The export folder of ``task`` at ``precision`` in ``work`` (reused when a complete one is there):
+    ``model``'s weights for embeddings, a random tiny head with its tokenizer for the others."""
     out = work / f"export-{task}-{precision}"
     if (out / "model.onnx").is_file():
         return out
     if task == EMBEDDINGS.name:
-        export_onnx(resolve_model_dir("all-MiniLM-L6-v2"), task, out, precision=precision)
+        export_onnx(resolve_model_dir(model), task, out, precision=precision)
         return out
     tiny = next(p for p in packaged_configs() if p.name == "tiny.yaml")  # the tiny model's one home
     extra = {"num_labels": 5, "id2label": NER} if get_task(task).token_level else {"num_labels": 3}
     cfg = dataclasses.replace(load_config(tiny).model, **extra)
     ckpt = save_model(get_task(task).build_model(cfg), work / f"ckpt-{task}",
-                      tokenizer_dir=resolve_model_dir("all-MiniLM-L6-v2"))
+                      tokenizer_dir=resolve_model_dir(model))
     export_onnx(ckpt, task, out, precision=precision)
     return out
 
 
-def in_process_throughput(export_dir: Path, texts: list[str], seconds: float = 8.0, rounds: int = 3) -> dict[int, float]:
+def in_process_throughput(export_dir: Path, texts: list[str], seconds: float = 8.0, rounds: int = 3,
+                          providers: list[str] | None = None) -> dict[int, float]:
     """Texts per second through bertops.infer, batches of 32 (the served max batch), per intra-op thread
     count: the default (one per physical core) and 1, alternated in ``rounds`` blocks, median per count.
 
     Both, because on cores shared with other jobs onnxruntime's spinning thread pool can fall far below
     one thread, while the served models run one thread per instance; the ratio uses the faster of the two.
+    On the CUDA provider (``providers``) only the default count runs: the GPU does the work.
     """
-    preds = {t: load_predictor(export_dir, threads=t) for t in sorted({physical_cores(), 1}, reverse=True)}
+    counts = [physical_cores()] if providers and providers[0] != "CPUExecutionProvider" else \
+        sorted({physical_cores(), 1}, reverse=True)
+    preds = {t: load_predictor(export_dir, threads=t, providers=providers) for t in counts}
     for pred in preds.values():
         pred.predict(texts[:32])
     rates: dict[int, list[float]] = {t: [] for t in preds}
@@ -88,6 +97,39 @@ def in_process_throughput(export_dir: Path, texts: list[str], seconds: float = 8
                 done += 32
             rates[threads].append(done / (time.perf_counter() - t0))
     return {t: float(np.median(r)) for t, r in rates.items()}
+
+
+def _rounded(x):
+    """An answer with its floats rounded to 3 places (batch composition moves the last digits)."""
+    if isinstance(x, float):
+        return round(x, 3)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
+
+
+def served_agreement(server, model: str, export_dir: Path, texts: list[str], providers: list[str] | None) -> dict:
+    """The served answers to ``texts`` (gRPC and HTTP, through bertops.client) against in-process
+    bertops.infer on the same provider: embeddings by cosine, every other task's answer compared whole
+    after rounding its scores (a speed figure is worth nothing if the answers differ)."""
+    from bertops.client import Client
+
+    expected = load_predictor(export_dir, providers=providers).predict(texts, batch_size=32)
+    out = {}
+    for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+        with Client(url, protocol=protocol) as client:
+            got = client.predict(model, texts)
+        if "embedding" in expected[0]:
+            a = np.asarray([g["embedding"] for g in got])
+            b = np.asarray([e["embedding"] for e in expected])
+            cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+            out[protocol] = {"texts": len(texts), "min_cosine": round(float(cos.min()), 6)}
+        else:
+            same = sum(_rounded(g) == _rounded(e) for g, e in zip(got, expected))
+            out[protocol] = {"texts": len(texts), "same_answers": same}
+    return out
 
 
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
@@ -178,9 +220,12 @@ def pipeline_models(name: str, pipeline: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="all-MiniLM-L6-v2", help="embeddings weights (a bundled name or a folder)")
     ap.add_argument("--tasks", default="embeddings,sequence-classification,token-classification,fill-mask")
     ap.add_argument("--pipelines", default="single,ensemble", help="comma list of serve.pipeline layouts to measure")
-    ap.add_argument("--precisions", default="fp32", help="comma list; export precisions (fp32, int8)")
+    ap.add_argument("--precisions", default="fp32", help="comma list; export precisions (fp32, int8; fp16 for cuda)")
+    ap.add_argument("--flavor", default="cpu", choices=["cpu", "cuda"],
+                    help="where the served encoder runs: onnxruntime's CPU or CUDA provider (serve.flavor)")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--queue-delay-us", type=int, default=200, help="dynamic batcher max queue delay")
     ap.add_argument("--texts-per-request", default="1", help="comma list; perf_analyzer -b (texts in one request)")
@@ -199,7 +244,7 @@ def main() -> None:
     for t in tasks:
         for p in precisions:
             try:
-                exports[t, p] = make_export(t, work, p)
+                exports[t, p] = make_export(t, work, p, args.model)
             except BertopsError as exc:  # e.g. a random tiny head that misses the int8 accuracy gate
                 if p == "fp32":
                     raise
@@ -209,6 +254,7 @@ def main() -> None:
         print(f"exports ready in {work}")
         return
     pa, env = find_perf_analyzer(), perf_analyzer_env()
+    providers = PROVIDERS[args.flavor]
     results: dict = {}
     for pipeline in pipelines:  # one server per layout: the other layout's stubs do not share the cores
         repo = work / f"repo-{pipeline}"
@@ -216,21 +262,24 @@ def main() -> None:
         for (t, p), folder in exports.items():
             names[t, p] = f"{t.replace('-', '_')}_{p}"
             build_repository(folder, names[t, p], repo, max_batch_size=32, preferred_batch_sizes=(8, 16, 32),
-                             max_queue_delay_us=args.queue_delay_us, pipeline=pipeline)
+                             max_queue_delay_us=args.queue_delay_us, pipeline=pipeline, flavor=args.flavor)
         with TritonServer(repo) as server:
             for key, name in names.items():
                 # In-process right before this model's sweep, while the server idles: the two figures of a
                 # ratio see the same machine (others' jobs on shared cores drift over minutes).
-                by_threads = in_process_throughput(exports[key], texts, args.in_process_seconds)
+                by_threads = in_process_throughput(exports[key], texts, args.in_process_seconds, providers=providers)
                 local = max(by_threads.values())
                 print(f"{pipeline} {name}: in-process " + ", ".join(f"{r:.1f} texts/s at {t} thread(s)"
                                                                     for t, r in by_threads.items()), flush=True)
+                agreement = served_agreement(server, name, exports[key], texts[:64], providers)
+                print(f"{pipeline} {name}: served vs in-process {agreement}", flush=True)
                 sweep = [row for b in args.texts_per_request.split(",")
                          for row in perf_sweep(pa, env, server, name, texts, concurrency, work, int(b),
                                                pipeline_models(name, pipeline))]
                 best = max(sweep, key=lambda r: r["infer_per_s"])
                 entry = results.setdefault(f"{key[0]} {key[1]}", {"task": key[0], "precision": key[1]})
                 entry[pipeline] = sweep
+                entry[f"{pipeline}_served_vs_in_process"] = agreement
                 entry[f"{pipeline}_best"] = {"concurrency": best["concurrency"], "texts_per_request": best["texts_per_request"],
                                              "infer_per_s": best["infer_per_s"], "in_process_per_s": round(local, 1),
                                              "in_process_by_threads": {t: round(r, 1) for t, r in by_threads.items()},
@@ -240,7 +289,11 @@ def main() -> None:
                       flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
-    out = {"machine": {"cpus": len(os.sched_getaffinity(0)), "cpu": cpu},
+    gpu = None
+    if args.flavor == "cuda":
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=False).stdout.strip() or "?"
+    out = {"machine": {"cpus": len(os.sched_getaffinity(0)), "cpu": cpu, "gpu": gpu, "flavor": args.flavor},
            "texts": "bundled real sentences (256, mixed lengths), cycled", "protocol": "grpc",
            "command": " ".join(["python", *sys.argv]), "results": results, "skipped": skipped}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -226,7 +226,8 @@ class ExportConfig:
 class ServeConfig:
     """Triton repository and server settings (``bertops triton build`` / ``bertops serve``)."""
 
-    flavor: str = "cpu"  # "cpu": encoder in a python-backend model; "gpu": Triton's onnxruntime backend
+    flavor: str = "cpu"  # where the encoder runs: "cpu" / "cuda": onnxruntime's CPU / CUDA provider in a python-backend
+    # model; "gpu": Triton's onnxruntime backend (NVIDIA's container)
     pipeline: str = "single"  # "single": one python model per task; "ensemble": tokenizer -> postprocess (+ encoder)
     max_batch_size: int = 32  # largest batch a model accepts
     instances: int = 2  # model instances per model; two let a short request run beside a long one (issue: stalls)
@@ -241,8 +242,8 @@ class ServeConfig:
     def validate(self) -> None:
         if self.max_request_bytes < 1:
             raise BertopsError("serve.max_request_bytes must be at least 1")
-        if self.flavor not in ("cpu", "gpu"):
-            raise BertopsError(f"serve.flavor={self.flavor!r} is unknown; use cpu or gpu")
+        if self.flavor not in ("cpu", "cuda", "gpu"):
+            raise BertopsError(f"serve.flavor={self.flavor!r} is unknown; use cpu, cuda or gpu")
         if self.pipeline not in ("single", "ensemble"):
             raise BertopsError(f"serve.pipeline={self.pipeline!r} is unknown; use single or ensemble")
         if self.max_batch_size < 1 or self.instances < 1:

@@ -99,12 +99,20 @@ def ort_session(onnx_path: str | Path, providers: Sequence[str] | None = None, t
     available = ort.get_available_providers()
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise BertopsError(f"onnxruntime has no {unknown[0]} here (available: {', '.join(available)})")
+        fix = "; install onnxruntime-gpu in place of onnxruntime" if unknown[0] == "CUDAExecutionProvider" else ""
+        raise BertopsError(f"onnxruntime has no {unknown[0]} here (available: {', '.join(available)}){fix}")
     try:
-        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BertopsError(f"onnxruntime cannot load {onnx_path}: {first}; re-export it with `bertops export onnx`") from None
+    if providers[0] not in session.get_providers():  # onnxruntime-gpu falls back to the CPU when CUDA fails to load
+        raise BertopsError(
+            f"onnxruntime could not start {providers[0]} for {onnx_path} (it fell back to "
+            f"{', '.join(session.get_providers())}): its CUDA / cuDNN libraries did not load; put them on "
+            f"LD_LIBRARY_PATH or install the nvidia-* wheels onnxruntime-gpu names"
+        )
+    return session
 
 
 @dataclass
@@ -167,14 +175,26 @@ class Predictor:
         return results  # type: ignore[return-value]
 
 
+def groups_by_length(providers: Sequence[str] | None) -> bool:
+    """Whether to run a batch as groups of similar length (True) or as one padded run (False).
+
+    On the CPU compute grows with the tokens run, so grouping pays (2-3x at batch 32 of real
+    sentences). On a GPU a small encoder is bound by kernel launches, not by padded tokens: on an
+    H200 one padded run per batch of 32 was 1.7x faster than the groups (docs/BENCHMARKS.md
+    "Inference on GPU"), so CUDA runs one padded batch."""
+    return not providers or providers[0] == "CPUExecutionProvider"
+
+
 def load_predictor(
     export_dir: str | Path,
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     max_length: int | None = None,
-    group_by_length: bool = True,
+    group_by_length: bool | None = None,
 ) -> Predictor:
     """An export folder (``bertops export onnx --out DIR``) -> a ready :class:`Predictor`.
+
+    ``group_by_length`` None: :func:`groups_by_length` of the providers.
 
     A task defined outside bertops is loaded from the folder's task plugin when it is not registered
     yet (:func:`bertops.artifacts.load_task`: that runs the plugin's code).
@@ -182,7 +202,8 @@ def load_predictor(
     export = read_export(export_dir)
     session = open_session(export, providers, threads)
     max_length = max_length or export.trained_length or DEFAULT_MAX_LENGTH
-    return Predictor(session, load_tokenizer(export_dir), export.task, export.info, max_length, group_by_length)
+    grouped = groups_by_length(providers) if group_by_length is None else group_by_length
+    return Predictor(session, load_tokenizer(export_dir), export.task, export.info, max_length, grouped)
 
 
 def open_session(export: str | Path | Export, providers: Sequence[str] | None = None, threads: int | None = None):

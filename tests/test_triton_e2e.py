@@ -488,6 +488,7 @@ def test_single_pipeline_template_one_response_per_request(name, flavor, repo, e
         expected = predictors[name].predict(first, pairs)
         assert _same(name, result, expected, precision), (result, expected)
     assert json.loads(pb.get_output_tensor_by_name(responses[4], "RESULT").as_numpy()[0][0])["truncated"] is True
+    assert model.predictor.group_by_length is (flavor == "cpu")
     if flavor == "gpu":
         assert bls_calls and set(bls_calls) == {f"{name}_encoder"}
         if name == "mlm":  # the logits never cross to the python model
@@ -497,6 +498,38 @@ def test_single_pipeline_template_one_response_per_request(name, flavor, repo, e
     else:
         assert not bls_calls
     assert all(model.clock[stage] > 0 for stage in ("decode", "tokenize", "encoder", "postprocess", "respond")), model.clock
+
+
+@pytest.mark.parametrize("pipeline", ["single", "ensemble"])
+def test_cuda_flavor_runs_the_graph_on_the_cuda_provider(pipeline, exports, predictors, monkeypatch, tmp_path, precision):
+    """cuda flavor: the python model that runs the graph opens it on onnxruntime's CUDA provider (first, the
+    CPU's behind it). Where onnxruntime has no CUDA provider (this CPU machine) loading that model fails
+    in one line that names the fix; where it has one, the answers are the in-process ones."""
+    import onnxruntime as ort
+
+    from bertops.triton.builder import build_repository
+    from bertops.triton.runtime import load_model_meta
+
+    build_repository(exports["cls"], "cls", tmp_path, flavor="cuda", pipeline=pipeline)
+    runs_graph = tmp_path / ("cls" if pipeline == "single" else "cls_encoder") / "1"
+    assert (runs_graph / "model.onnx").is_file()
+    meta = load_model_meta(runs_graph)
+    assert meta["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert meta["group_by_length"] is False  # a GPU runs one padded batch (bertops.infer.groups_by_length)
+    config = (runs_graph.parent / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "CUDAExecutionProvider" in config
+    pb = _fake_pb_utils(lambda req: pytest.fail("the cuda flavor runs the graph in-process, not over BLS"))
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BertopsError, match="has no CUDAExecutionProvider .*install onnxruntime-gpu"):
+            _load_template(runs_graph, monkeypatch, pb)
+        return
+    model = _load_template(runs_graph, monkeypatch, pb)
+    if pipeline == "ensemble":  # the python encoder model
+        assert model.session.get_providers()[0] == "CUDAExecutionProvider"
+        return
+    (response,) = model.execute([pb.Request([pb.Tensor("TEXT", np.array([[t.encode()] for t in TEXTS], dtype=np.object_))])])
+    result = [json.loads(x[0]) for x in pb.get_output_tensor_by_name(response, "RESULT").as_numpy()]
+    assert _same("cls", result, predictors["cls"].predict(TEXTS), precision), result
 
 
 # ------------------------------------------------------------------------------------------------

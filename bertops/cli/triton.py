@@ -12,7 +12,7 @@ from bertops.errors import BertopsError
 
 app = group("Build and check Triton model repositories.")
 ADVANCED = "Advanced"
-Flavor = choices("Flavor", ["cpu", "gpu"])
+Flavor = choices("Flavor", ["cpu", "cuda", "gpu"])
 Pipeline = choices("Pipeline", ["single", "ensemble"])
 
 Repo = Annotated[Path, typer.Option("--repo", "-r", help="Model repository folder.")]
@@ -24,7 +24,9 @@ def build(
     name: Annotated[str, typer.Option("--name", "-n", help="Model name clients call.")],
     repo: Repo = Path("triton_models"),
     flavor: Annotated[Flavor | None, typer.Option(
-        help=f"cpu: onnxruntime in the python backend; gpu: onnxruntime backend ({config_default('serve.flavor')}).")] = None,
+        help=f"Where the encoder runs. cpu / cuda: onnxruntime's CPU / CUDA provider in the python backend (cuda needs "
+             f"onnxruntime-gpu in the server's Python); gpu: Triton's onnxruntime backend, NVIDIA's container "
+             f"({config_default('serve.flavor')}).")] = None,
     pipeline: Annotated[Pipeline | None, typer.Option(
         help=f"single: one python model tokenizes, encodes and post-processes; ensemble: tokenizer -> "
              f"post-process -> encoder models ({config_default('serve.pipeline')}).")] = None,

@@ -9,13 +9,14 @@ in one of two layouts (``pipeline``, ``serve.pipeline`` in the config)::
       NAME/            python: tokenize,       NAME/              ensemble TEXT -> RESULT ...
         config.pbtxt   encode, post-process      config.pbtxt, 1/
         1/model.py, bertops_model.json,        NAME_tokenizer/    python TEXT -> input_ids, ..., TRUNCATED
-          tokenizer files, labels.json,        NAME_encoder/      cpu: python + onnxruntime; gpu: onnxruntime backend
-          model.onnx (cpu flavor)              NAME_postprocess/  python: BLS to NAME_encoder per length
+          tokenizer files, labels.json,        NAME_encoder/      cpu/cuda: python + onnxruntime; gpu: onnxruntime backend
+          model.onnx (cpu/cuda)                NAME_postprocess/  python: BLS to NAME_encoder per length
         warmup/TEXT                                               bucket, then the task's postprocess
       NAME_encoder/    gpu flavor only: Triton's onnxruntime backend (KIND_GPU), called over BLS
 
-``single`` runs everything a request needs in one python-backend process (cpu flavor: onnxruntime
-inside it; gpu flavor: one BLS call per length group to ``NAME_encoder``) through
+``single`` runs everything a request needs in one python-backend process (cpu / cuda flavor: onnxruntime
+inside it, on its CPU / CUDA execution provider; gpu flavor: one BLS call per length group to
+``NAME_encoder`` in Triton's onnxruntime backend, which NVIDIA's container has and the pip wheel has not) through
 :meth:`bertops.infer.Predictor.answer`, the in-process code: one stub hop per request instead of the
 ensemble's three plus its scheduler (docs/BENCHMARKS.md "Serving" measures both). ``ensemble`` keeps
 tokenization, encoder and post-processing in separate models, which Triton can scale and time apart.
@@ -60,7 +61,9 @@ from bertops.triton.graph_top_k import add_top_k
 from bertops.triton.runtime import DEFAULT_MAX_REQUEST_BYTES, ENCODER_INPUTS, META_FILE, string_tensor_bytes
 from bertops.triton.validate import _pb, _text_format, onnx_signature, validate_repository
 
-FLAVORS = ("cpu", "gpu")
+FLAVORS = ("cpu", "cuda", "gpu")
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+"""onnxruntime providers of a python model that runs the graph itself, per flavor (gpu: Triton's backend runs it)."""
 PIPELINES = ("single", "ensemble")
 STEP_SUFFIXES = ("_tokenizer", "_encoder", "_postprocess")
 TEMPLATES = Path(__file__).parent / "templates"
@@ -193,7 +196,8 @@ def build_repository(
     """
     export_dir, repo = Path(export_dir), Path(repo)
     if flavor not in FLAVORS:
-        raise BertopsError(f"flavor {flavor!r} is unknown; use cpu (python + onnxruntime) or gpu (onnxruntime backend)")
+        raise BertopsError(f"flavor {flavor!r} is unknown; use cpu or cuda (python + onnxruntime's CPU or CUDA "
+                           f"provider) or gpu (Triton's onnxruntime backend)")
     if pipeline not in PIPELINES:
         raise BertopsError(f"pipeline {pipeline!r} is unknown; use single (one python model) or ensemble")
     if not _NAME.match(name):
@@ -207,7 +211,7 @@ def build_repository(
     export = read_export(export_dir)
     task, labels, max_positions = export.task, list(export.labels), export.max_positions
     runtime = export_runtime(export.report)
-    if flavor == "gpu" and runtime.name == OPENVINO:
+    if flavor != "cpu" and runtime.name == OPENVINO:
         raise BertopsError(
             f"{export_dir} is a {runtime.precision} export, which runs on OpenVINO's CPU plugin; build it with "
             f"--flavor cpu, or export with --precision fp16 for the GPU"
@@ -244,7 +248,9 @@ def build_repository(
     meta = {"bertops_version": __version__, "name": name, "task": task.name, "flavor": flavor, "pipeline": pipeline,
             "max_length": max_length, "max_batch_size": max_batch_size, "pairs": task.pairs,
             "token_level": task.token_level, "max_request_bytes": int(max_request_bytes),
-            "runtime": runtime.as_dict()}  # what runs model.onnx in a python model (bertops.infer.open_model)
+            "runtime": runtime.as_dict(),  # what runs model.onnx in a python model (bertops.infer.open_model)
+            "providers": PROVIDERS.get(flavor),  # and on which onnxruntime providers
+            "group_by_length": flavor == "cpu"}  # GPU encoders run one padded batch (bertops.infer.groups_by_length)
     params = {"bertops_task": task.name, "bertops_max_length": max_length}
     try:
         sample = encode(load_tokenizer(export_dir), [WARMUP_TEXT], max_length=max_length)
@@ -291,7 +297,7 @@ def _pipeline_model(b: _Build, name: str) -> str:
                                                "encoder_outputs": b.encoder_outputs, "labels": b.labels}, labels=True)
     if encoder is None:
         _copy_onnx(b.export_dir, folder / "1")
-    where = "onnxruntime in this process" if encoder is None else f"{encoder} over BLS"
+    where = f"onnxruntime in this process, {PROVIDERS[b.flavor][0]}" if encoder is None else f"{encoder} over BLS"
     _write_config(folder, cfg, f"{name}: {b.task.name} ({b.task.description}); TEXT [batch, 1 or 2] UTF-8 -> RESULT "
                                f"JSON per row; tokenize, encode ({where}) and post-process in one python model")
     return name
@@ -337,12 +343,13 @@ def _encoder_model(b: _Build, name: str) -> str:
     _copy_onnx(b.export_dir, folder / "1")
     if b.graph_top_k:  # softmax + top-k in the graph: (B, T, K) cross the process boundary, not (B, T, vocab)
         add_top_k(b.export_dir / MODEL_FILE, folder / "1" / MODEL_FILE, b.task.graph_top_k, TaskInfo.top_k)
-    if b.flavor == "cpu":
+    if b.flavor != "gpu":
         _template("encoder", folder / "1")
         _write_meta(folder / "1", {**b.meta, "role": "encoder"})
         if (b.export_dir / PLUGIN_FILE).is_file():
             shutil.copyfile(b.export_dir / PLUGIN_FILE, folder / "1" / PLUGIN_FILE)
-    backend = "Triton's onnxruntime backend (KIND_GPU)" if b.flavor == "gpu" else "onnxruntime in the python backend"
+    backend = "Triton's onnxruntime backend (KIND_GPU)" if b.flavor == "gpu" else \
+        f"onnxruntime in the python backend ({', '.join(PROVIDERS[b.flavor])})"
     _write_config(folder, cfg, f"{name}: the exported ONNX graph ({b.task.name}), run by {backend}")
     return name
 

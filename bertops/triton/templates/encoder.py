@@ -27,8 +27,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         threads = max(1, len(os.sched_getaffinity(0)) // instances)
-        runtime = load_model_meta(folder).get("runtime")  # onnxruntime unless the export names another
-        self.session = open_model(folder / "model.onnx", runtime, ["CPUExecutionProvider"], threads)
+        meta = load_model_meta(folder)  # onnxruntime unless the export names another; cuda flavor: its CUDA provider
+        providers = meta.get("providers") or ["CPUExecutionProvider"]
+        self.session = open_model(folder / "model.onnx", meta.get("runtime"), providers, threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 

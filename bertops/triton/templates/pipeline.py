@@ -62,9 +62,11 @@ class TritonPythonModel:
         else:
             instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
             threads = max(1, len(os.sched_getaffinity(0)) // instances)
-            session = open_model(folder / "model.onnx", self.meta.get("runtime"), ["CPUExecutionProvider"], threads)
+            providers = self.meta.get("providers") or ["CPUExecutionProvider"]  # cuda flavor: the CUDA provider first
+            session = open_model(folder / "model.onnx", self.meta.get("runtime"), providers, threads)
         max_length = int(self.meta["max_length"])
         self.predictor = Predictor(TimedSession(session, self.clock), load_tokenizer(folder), task, info, max_length,
+                                   group_by_length=bool(self.meta.get("group_by_length", True)),
                                    reads=tuple(self.meta.get("encoder_outputs", ())))
         self.max_batch = int(self.meta["max_batch_size"])
         self.max_chars = row_char_cap(max_length)
