@@ -180,8 +180,8 @@ def groups_by_length(providers: Sequence[str] | None) -> bool:
 
     On the CPU compute grows with the tokens run, so grouping pays (2-3x at batch 32 of real
     sentences). On a GPU a small encoder is bound by kernel launches, not by padded tokens: on an
-    H200 one padded run per batch of 32 was 1.7x faster than the groups (docs/BENCHMARKS.md
-    "Inference on GPU"), so CUDA runs one padded batch."""
+    H200 one padded run per batch was 1.9x faster than the groups at 32 real sentences and 2.0x at
+    256 (docs/BENCHMARKS.md "Inference on GPU"), so CUDA runs one padded batch."""
     return not providers or providers[0] == "CPUExecutionProvider"
 
 
