@@ -103,7 +103,7 @@ def test_bf16_export_passes_the_gate_and_runs_on_openvino(bf16_export, exported,
 @pytest.mark.skipif(not NATIVE, reason="this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
 def test_triton_serves_a_bf16_export_on_openvino(bf16_export, sentences, tmp_path):
     """`bertops triton build` + a real tritonserver: the cpu flavor runs the bf16 export on OpenVINO as
-    bertops.infer does in-process; the gpu flavor (onnxruntime backend) refuses it in one line."""
+    bertops.infer does in-process; the gpu and cuda flavors (onnxruntime on a GPU) refuse it in one line."""
     from bertops.client import Client
     from bertops.infer import load_predictor
     from bertops.triton.builder import build_repository
@@ -111,8 +111,9 @@ def test_triton_serves_a_bf16_export_on_openvino(bf16_export, sentences, tmp_pat
 
     out, _ = bf16_export
     repo = tmp_path / "repo"
-    with pytest.raises(BertopsError, match="runs on OpenVINO's CPU plugin; build it with"):
-        build_repository(out, "minilm", repo, flavor="gpu")
+    for flavor in ("gpu", "cuda"):
+        with pytest.raises(BertopsError, match="runs on OpenVINO's CPU plugin; build it with"):
+            build_repository(out, "minilm", repo, flavor=flavor)
     build_repository(out, "minilm", repo, max_batch_size=8, preferred_batch_sizes=(4, 8))
     texts = sentences[-24:]
     local = load_predictor(out).predict(texts)
