@@ -201,6 +201,94 @@ def test_dupe_factor_pairs_each_training_document_anew(tmp_path, wiki_data, wiki
     assert changed > 0.5 * total  # most documents are cut and paired differently the second time
 
 
+def reference_pairs(bounds, pool, seq_len, short_seq_prob, rng, dupe_factor, random_pool) -> list[tuple]:
+    """create_pairs as first written: sentence after sentence, one rng.random() call per draw."""
+    max_tokens, rows = seq_len - 3, []
+
+    def randint(lo, hi):
+        return lo + int(rng.random() * (hi - lo + 1))
+
+    def truncate(a_lo, a_hi, b_lo, b_hi):
+        while (a_hi - a_lo) + (b_hi - b_lo) > max_tokens:
+            if a_hi - a_lo > b_hi - b_lo:
+                a_lo, a_hi = (a_lo + 1, a_hi) if rng.random() < 0.5 else (a_lo, a_hi - 1)
+            else:
+                b_lo, b_hi = (b_lo + 1, b_hi) if rng.random() < 0.5 else (b_lo, b_hi - 1)
+        return a_lo, a_hi, b_lo, b_hi
+
+    for _ in range(dupe_factor):
+        for di in pool:
+            bd, n = bounds[di], len(bounds[di]) - 1
+            target = max_tokens if rng.random() >= short_seq_prob else randint(2, max_tokens)
+            first = i = 0
+            while i < n:
+                if i == n - 1 or bd[i + 1] - bd[first] >= target:
+                    size = i - first + 1
+                    a_end = first + (1 if size < 2 else randint(1, size - 1))
+                    random_next = rng.random() < 0.5
+                    if size == 1 and not random_next:
+                        s = i if i + 1 < n else i - 1
+                        rows.append((*truncate(bd[s], bd[s + 1], bd[s + 1], bd[s + 2]), 0, di, s, di, s + 1))
+                        i = first = max(i, s + 1) + 1
+                        continue
+                    if random_next:
+                        other = di
+                        for _try in range(10):
+                            other = random_pool[int(rng.random() * len(random_pool))]
+                            if other != di:
+                                break
+                        rb = bounds[other]
+                        sb = int(rng.random() * (len(rb) - 1))
+                        j = sb + 1
+                        while j < len(rb) - 1 and rb[j] - rb[sb] < target - (bd[a_end] - bd[first]):
+                            j += 1
+                        b, doc_b = (rb[sb], rb[j]), other
+                        i = a_end - 1
+                    else:
+                        b, doc_b, sb = (bd[a_end], bd[i + 1]), di, a_end
+                    rows.append((*truncate(bd[first], bd[a_end], *b), int(random_next), di, first, doc_b, sb))
+                    first = i + 1
+                i += 1
+    return rows
+
+
+@pytest.mark.parametrize("seq_len", [8, 24, 128])
+def test_create_pairs_draws_the_same_stream_as_the_plain_loop(seq_len):
+    """The bisect search and flat columns are a speed-up only: same pairs, same rng state after, as the plain loop."""
+    import random
+
+    from bertops.data.pairs import FIELDS, create_pairs
+
+    gen = random.Random(0)
+    bounds = []
+    for _ in range(300):  # documents of 2-30 sentences of 1-60 tokens, one flat token array
+        start = bounds[-1][-1] if bounds else 0
+        bd = [start]
+        for _ in range(gen.randint(2, 30)):
+            bd.append(bd[-1] + gen.choice([1, 2, gen.randint(1, 60)]))
+        bounds.append(bd)
+    pool, random_pool = list(range(0, 300, 2)), list(range(300))
+    for dupe, short in ((1, 0.1), (3, 0.5)):
+        want_rng, got_rng = random.Random(f"{seq_len}-{dupe}"), random.Random(f"{seq_len}-{dupe}")
+        want = reference_pairs(bounds, pool, seq_len, short, want_rng, dupe, random_pool)
+        got = create_pairs(bounds, pool, seq_len, short, got_rng, dupe, random_pool=random_pool)
+        assert list(zip(*(getattr(got, f).tolist() for f in FIELDS))) == want
+        assert got_rng.getstate() == want_rng.getstate()
+
+
+def test_word_start_marks_the_tokens_that_start_a_word(wiki_data, minilm_dir):
+    """word_start is one byte per token of input_ids in the file; the reader gives it back as bool."""
+    tok = load_tokenizer(minilm_dir)
+    reader = ShardReader(wiki_data)
+    for i in range(0, len(reader), 97):
+        ids, ws, _, _ = reader.row(i)
+        assert ws.dtype == bool and len(ws) == len(ids)
+        pieces = [tok.id_to_token(t) for t in ids.tolist()]
+        assert ws.tolist() == [not (p.startswith("##") and len(p) > 2) for p in pieces]
+    table = pq.read_table(min(wiki_data.glob("train-*.parquet")), columns=["input_ids", "word_start"])
+    assert pc.binary_length(table["word_start"]).to_pylist() == pc.list_value_length(table["input_ids"]).to_pylist()
+
+
 # --- masking ----------------------------------------------------------------------------------------
 
 

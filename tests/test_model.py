@@ -77,6 +77,43 @@ def test_mlm_loss_sparse_equals_full_logits():
     torch.testing.assert_close(sparse["logits"], full_logits[labels != -100])
 
 
+@pytest.mark.parametrize("task,checkpointing", [("pretraining", False), ("pretraining", True),
+                                                 ("token-classification", False)])
+def test_unpadded_training_equals_padded(task, checkpointing):
+    """CPU training runs the layers on real tokens only (BertEncoder.unpad): the same loss and the
+    same gradients as the padded computation (no dropout, so both draw nothing random), padded
+    positions of the output zero, and a batch without padding takes the padded path unchanged."""
+    torch.manual_seed(0)
+    cfg = tiny_config(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = get_task(task).build_model(cfg).train()
+    model.bert.encoder.gradient_checkpointing = checkpointing
+    ids, mask, types = _inputs()
+    if task == "pretraining":
+        labels = torch.full_like(ids, -100)
+        labels[0, [1, 9]], labels[1, 2], labels[2, 0] = ids[0, [1, 9]], ids[1, 2], ids[2, 0]
+        kwargs = {"labels": labels, "next_sentence_label": torch.tensor([0, 1, 1])}
+    else:
+        kwargs = {"labels": torch.randint(0, 3, ids.shape).masked_fill(mask == 0, -100)}
+    runs = {}
+    for unpad in (False, True):
+        model.zero_grad()
+        model.bert.encoder.unpad = unpad
+        out = model(ids, mask, types, **kwargs)
+        out["loss"].backward()
+        runs[unpad] = out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-6, atol=1e-6)
+    assert runs[True][1].keys() == runs[False][1].keys()
+    for name, grad in runs[True][1].items():
+        torch.testing.assert_close(grad, runs[False][1][name], rtol=1e-5, atol=1e-6, msg=name)
+    hidden = model.bert(ids, mask, types)["last_hidden_state"]
+    assert hidden.requires_grad and (hidden[mask == 0] == 0).all()  # unpadded: zeros where padded
+    full = torch.ones_like(mask)
+    model.bert.encoder.unpad = False
+    padded = model.bert(ids, full, types)["last_hidden_state"]
+    model.bert.encoder.unpad = True
+    torch.testing.assert_close(model.bert(ids, full, types)["last_hidden_state"], padded)
+
+
 def test_decoder_is_tied_to_word_embeddings():
     model = BertForPreTraining(tiny_config())
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight

@@ -70,7 +70,8 @@ def _init_worker(settings: dict, tok=None) -> None:
             return
         tok = load_tokenizer(settings["tokenizer_dir"])
     info = _vocab_info(tok)
-    _worker.update(settings=settings, tok=tok, info=info, cont=_continuation_table(tok, info["continuation_prefix"]))
+    word_start = ~_continuation_table(tok, info["continuation_prefix"])  # (vocab,) bool, by token id
+    _worker.update(settings=settings, tok=tok, info=info, word_start=word_start)
 
 
 def default_workers(cores: int | None = None) -> int:
@@ -79,7 +80,8 @@ def default_workers(cores: int | None = None) -> int:
     One process already tokenizes on every core (the Rust thread pool of ``encode_batch``); only its
     sentence splitting, pairing and writing are serial. Worker processes make those parallel too but
     tokenize single-threaded and pay for shipping documents and results between processes: on a
-    2-core machine 2 workers measured slower than 1 (docs/BENCHMARKS.md, "Data preparation"). The main
+    2-core machine 2 workers used more CPU for about the same wall time as 1, and were slower while
+    other jobs loaded it (docs/BENCHMARKS.md, "Data preparation"). The main
     process reads the input and feeds the workers, hence one core fewer than the machine has.
     """
     cores = cores or os.cpu_count() or 1
@@ -96,48 +98,68 @@ def _eval_pick(n: int, fraction: float, rng: random.Random) -> set[int]:
 
 def _process_chunk(job: tuple[int, int, list[tuple[str, str]]]) -> dict:
     """Split, tokenize, pair and write one chunk of documents; returns its counts and shards."""
+    return _pair_chunk(_tokenize_chunk(_split_chunk(job)))
+
+
+def _split_chunk(job: tuple[int, int, list[tuple[str, str]]]) -> dict:
+    """A chunk's first stage: its documents' sentences; those with fewer than 2 are skipped."""
     chunk, first_doc, docs = job
-    st, tok, info, cont = _worker["settings"], _worker["tok"], _worker["info"], _worker["cont"]
     skips = Skips()
     texts: list[str] = []
     spans: list[list[tuple[int, int]]] = []
     kept: list[int] = []  # index into docs of each document with 2+ sentences
+    language = _worker["settings"]["language"]
     for k, (text, source) in enumerate(docs):
-        sentences = sentence_starts(text, st["language"])
+        sentences = sentence_starts(text, language)
         if len(sentences) < 2:
             skips.add("one_sentence_document" if sentences else "empty_document", source)
             continue
         texts.append(text)
         spans.append(sentences)
         kept.append(k)
-    # Whole documents are tokenized (as a plain batch encode would); sentence boundaries are mapped
-    # from characters to tokens. WordPiece never joins across the whitespace between sentences.
-    encs = tok.encode_batch(texts, add_special_tokens=False) if texts else []
-    ids = [e.ids for e in encs]
-    tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=sum(map(len, ids)))
+    return {"chunk": chunk, "first_doc": first_doc, "sources": [source for _, source in docs], "skips": skips,
+            "input_chars": sum(len(t) for t, _ in docs), "kept": kept, "spans": spans, "texts": texts}
+
+
+def _tokenize_chunk(job: dict) -> dict:
+    """A chunk's second stage: ``encs``, the kept documents tokenized whole (as a plain batch encode would)."""
+    texts = job.pop("texts")
+    job["encs"] = _worker["tok"].encode_batch(texts, add_special_tokens=False) if texts else []
+    return job
+
+
+def _pair_chunk(job: dict) -> dict:
+    """A chunk's last stage: sentence boundaries in tokens, NSP pairs, Parquet shards; its counts and shards."""
+    st, info, word_start = _worker["settings"], _worker["info"], _worker["word_start"]
+    chunk, skips, encs = job["chunk"], job["skips"], job["encs"]
+    tokens = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=sum(map(len, encs)))
     bounds: list[list[int]] = []
     doc_ids: list[int] = []
     base = 0
-    for k, e, n, sentences in zip(kept, encs, map(len, ids), spans):
+    # WordPiece never joins across the whitespace between sentences, so a sentence starts at the
+    # token of its first character (or of the first one the normaliser keeps).
+    for k, e, n, sentences in zip(job["kept"], encs, map(len, encs), job["spans"]):
         bd = [base]
         for lo, hi in sentences[1:]:
-            t = next((t for c in range(lo, hi) if (t := e.char_to_token(c)) is not None), None)
+            t = e.char_to_token(lo)
+            if t is None:
+                t = next((t for c in range(lo + 1, hi) if (t := e.char_to_token(c)) is not None), None)
             if t is not None and 0 < t < n and base + t > bd[-1]:
                 bd.append(base + t)
         if n > 0:
             bd.append(base + n)
         base += n
         if len(bd) < 3:
-            skips.add("one_sentence_document", docs[k][1])
+            skips.add("one_sentence_document", job["sources"][k])
             continue
         bounds.append(bd)
-        doc_ids.append(first_doc + k)
-    del encs, ids
+        doc_ids.append(job["first_doc"] + k)
+    del encs, job["encs"]
     seed = st["seed"]
     picked = _eval_pick(len(bounds), st["eval_fraction"], random.Random(f"{seed}:{chunk}:eval-documents"))
     pools = {"train": [d for d in range(len(bounds)) if d not in picked], "eval": sorted(picked)}
     result = {"chunk": chunk, "documents": len(bounds), "sentences": sum(len(b) - 1 for b in bounds),
-              "skips": skips, "splits": {}, "input_chars": sum(len(t) for t, _ in docs)}
+              "skips": skips, "splits": {}, "input_chars": job["input_chars"]}
     doc_map = np.asarray(doc_ids, dtype=np.int64)
     for split, pool in pools.items():
         if not pool:
@@ -153,16 +175,16 @@ def _process_chunk(job: tuple[int, int, list[tuple[str, str]]]) -> dict:
         if not len(pairs):
             continue
         ids_flat, offsets, a_length = assemble(tokens, pairs, info["special_ids"]["cls"], info["special_ids"]["sep"])
-        cols = {"ids": ids_flat, "word_start": ~cont[ids_flat], "offsets": offsets, "a_length": a_length,
-                "next_sentence_label": pairs.random_next, "doc": doc_map[pairs.doc], "sentence_a": pairs.sentence_a,
-                "doc_b": doc_map[pairs.doc_b], "sentence_b": pairs.sentence_b}
+        cols = {"ids": ids_flat, "word_start": np.take(word_start, ids_flat), "offsets": offsets,
+                "a_length": a_length, "next_sentence_label": pairs.random_next, "doc": doc_map[pairs.doc],
+                "sentence_a": pairs.sentence_a, "doc_b": doc_map[pairs.doc_b], "sentence_b": pairs.sentence_b}
         name = f"{split}-{chunk:05d}.parquet"
         try:
             rows = write_shard(Path(st["tmp_dir"]) / name, cols)
         except OSError as exc:
             raise BertopsError(f"writing shard {name} failed ({exc.strerror or exc}); free disk space or pick another --out") from None
         result["splits"][split] = {"file": name, "examples": rows, "tokens": int(len(ids_flat)),
-                                   "random_next": int(sum(pairs.random_next)), "documents": len(pool)}
+                                   "random_next": int(pairs.random_next.sum()), "documents": len(pool)}
     return result
 
 
@@ -284,17 +306,27 @@ def _run(docs, settings: dict, tok, workers: int, per_shard: int, total_bytes: i
 
         _init_worker(settings, tok)  # forked workers inherit it
         if workers == 1:
-            # Two threads, so one chunk is paired and written (Python, one core) while the next is
-            # tokenized (encode_batch releases the GIL and runs on every core). Each chunk seeds its own
-            # RNG streams, so the shards are the same as one chunk after the other.
-            with ThreadPoolExecutor(2) as pool:
+            # A pipeline of one thread per stage: chunk k is tokenized (encode_batch releases the GIL
+            # and runs on every core) while chunk k - 1 is paired and written and chunk k + 1 split
+            # into sentences (Python, one core). Whole chunks in two threads fell into step (both
+            # tokenizing, then both in Python, a core idle ~20% of the time). Each chunk seeds its
+            # own RNG streams, so the shards are the same as one chunk after the other.
+            stages = (_split_chunk, _tokenize_chunk, _pair_chunk)
+            threads = [ThreadPoolExecutor(1) for _ in stages]
+            try:
                 pending = []
                 for job in _chunks(docs, per_shard):
-                    pending.append(pool.submit(_process_chunk, job))
-                    while len(pending) >= 2:
+                    fut = threads[0].submit(stages[0], job)
+                    for thread, stage in zip(threads[1:], stages[1:]):
+                        fut = thread.submit(lambda stage=stage, prev=fut: stage(prev.result()))
+                    pending.append(fut)
+                    while len(pending) > len(stages):  # bounded: the corpus is never all in memory
                         done(pending.pop(0).result())
                 for fut in pending:
                     done(fut.result())
+            finally:
+                for thread in threads:
+                    thread.shutdown(cancel_futures=True)
         else:
             import multiprocessing as mp
 
