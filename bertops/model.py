@@ -111,9 +111,9 @@ class BertSelfAttention(nn.Module):
         which the bias masks as keys) and out of which the real rows are gathered again."""
         B, T = shape
 
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H): one product
-        bias3 = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(h, weight, bias3)  # (N, 3H)
+        # one (N x H) @ (H x 3H) product instead of three: ~3% of a BERT-base fp32 step
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
+        qkv = F.linear(h, weight, torch.cat([self.query.bias, self.key.bias, self.value.bias]))  # (N, 3H)
         qkv = qkv.new_zeros(B * T, qkv.size(1)).index_copy(0, keep, qkv)  # (B * T, 3H), zeros at padding
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         p = self.dropout_p if self.training else 0.0
@@ -183,14 +183,17 @@ class BertLayer(nn.Module):
 class BertEncoder(nn.Module):
     """The layers. (B, T, H) -> (B, T, H).
 
-    Unpadded training: while autograd records on the CPU and the batch has padding, every layer's
+    Unpadded training: while autograd records on the CPU, every layer's
     projections, feed-forward, LayerNorms and dropouts run on the N real tokens alone (as MosaicBERT
     does); only the attention scores use the padded (B, T) layout. Real tokens get the same values
     and gradients as the padded computation (nothing reads padded positions: the attention bias
     masks them as keys, the heads read real or [CLS] positions); padded positions come back as zeros.
     Pretraining pairs of Wikipedia leads at seq 128 are ~28% padding in batches of 8, work HF's
     padded model does. Inference and ONNX export keep the padded graph (onnxruntime fuses it and
-    bertops.infer groups rows by length instead); ``unpad = False`` turns it off.
+    bertops.infer groups rows by length instead); ``unpad = False`` turns it off. Not under ZeRO-3:
+    it gathers a module's partitioned parameters only when that module runs, in an order every rank
+    must repeat. The path never depends on the batch (a batch without padding is unpadded too), so
+    every rank builds the same autograd graph and ZeRO's gradient buckets fill in the same order.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -201,7 +204,7 @@ class BertEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.unpad and attention_mask is not None and self.training and torch.is_grad_enabled() \
-                and x.device.type == "cpu" and not bool(attention_mask.all()):
+                and x.device.type == "cpu" and not hasattr(self.layer[0].output.dense.weight, "ds_id"):
             return self._unpadded(x, bias, attention_mask)
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:

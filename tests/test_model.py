@@ -82,7 +82,7 @@ def test_mlm_loss_sparse_equals_full_logits():
 def test_unpadded_training_equals_padded(task, checkpointing):
     """CPU training runs the layers on real tokens only (BertEncoder.unpad): the same loss and the
     same gradients as the padded computation (no dropout, so both draw nothing random), padded
-    positions of the output zero, and a batch without padding takes the padded path unchanged."""
+    positions of the output zero, and a batch without padding gives the padded path's numbers too."""
     torch.manual_seed(0)
     cfg = tiny_config(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = get_task(task).build_model(cfg).train()
