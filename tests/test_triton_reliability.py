@@ -298,7 +298,10 @@ def test_killed_encoder_stub_under_load_is_noticed_and_healed(repo, predictor, s
             worker.join(60)
 
         restarts = [line for line in serve.text.splitlines() if "restarting tritonserver" in line]
-        assert len(restarts) == 1 and "tiny_0_0" in restarts[0] and "died" in restarts[0], serve.text
+        # One restart: usually the supervisor sees the stub die first; on a loaded machine tritonserver
+        # itself sometimes aborts on the lost stub first (exit code -6). Either way it heals, once.
+        assert len(restarts) == 1, serve.text
+        assert ("tiny_0_0" in restarts[0] and "died" in restarts[0]) or "tritonserver exited" in restarts[0], serve.text
         assert not alive(old_server) and serve.tritonserver != old_server
         assert [s.model for s in serve.stubs()] == ["tiny"]
         with closing(connect(serve.url)) as conn:  # the healed server answers like in-process
