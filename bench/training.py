@@ -106,7 +106,7 @@ def config_for(size: str, batch: int, precision: str, steps: int):
 class Bertops:
     """`bertops pretrain`'s loop over its DeepSpeed engine; ``chunk()`` runs the next ``steps`` steps."""
 
-    def __init__(self, cfg, data: Path, device: str, padded: bool = False):
+    def __init__(self, cfg, data: Path, device: str, padded: bool = False, ds_config: str = "ds_configs/zero2.json"):
         from bertops.data.pipeline import PretrainInput
         from bertops.train.dist import World, init_process_group
         from bertops.train.dsconfig import Precision, load_ds_config
@@ -117,7 +117,7 @@ class Bertops:
         init_process_group(world)
         t = cfg.train
         self.cfg, self.steps = cfg, t.max_steps
-        self.engine = build_engine(cfg, world, load_ds_config(ROOT / "ds_configs" / "zero2.json"),
+        self.engine = build_engine(cfg, world, load_ds_config(ROOT / ds_config),
                                    Precision(t.precision, "bench"), t.micro_batch_size)
         self.engine.ds.module.bert.encoder.unpad = not padded  # --padded: the step before unpadded training
 
@@ -177,12 +177,12 @@ class HF:
 
 
 def measure(cfg, data: Path, batches: list[dict], device: str, rounds: int, hf_attention: str,
-            padded: bool = False) -> tuple[float, float]:
+            padded: bool = False, ds_config: str = "ds_configs/zero2.json") -> tuple[float, float]:
     """Alternate chunks of bertops and HF steps (the first of each warms up); medians of the rest.
 
     Alternating keeps both sides under the same machine load, which drifts on shared machines.
     """
-    ours, theirs = Bertops(cfg, data, device, padded), HF(cfg, batches, device, hf_attention)
+    ours, theirs = Bertops(cfg, data, device, padded, ds_config), HF(cfg, batches, device, hf_attention)
     a, b = [], []
     for r in range(rounds + 1):
         x, y = ours.chunk(), theirs.chunk()
@@ -209,6 +209,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     p.add_argument("--hf-attention", choices=("sdpa", "eager"), default="sdpa",
                    help="the HF side's attn_implementation (sdpa: transformers' default)")
+    p.add_argument("--deepspeed", default="ds_configs/zero2.json",
+                   help="bertops' DeepSpeed config (default: `bertops pretrain`'s); ds_configs/zero0.json for one process")
     p.add_argument("--padded", action="store_true",
                    help="bertops' encoder on padded tokens too (BertEncoder.unpad = False): what unpadding buys")
     args = p.parse_args()
@@ -237,7 +239,8 @@ def main() -> None:
             batches = batches_for(data, batch, (args.rounds + 1) * args.steps)  # the batches bertops' loop reads
             flops_per_token = flops_per_step(batches, *SIZES[size][:2], SIZES[size][3], cfg.model.vocab_size) / sum(
                 float(b["attention_mask"].sum()) for b in batches)
-            ours, theirs = measure(cfg, data, batches, args.device, args.rounds, args.hf_attention, args.padded)
+            ours, theirs = measure(cfg, data, batches, args.device, args.rounds, args.hf_attention, args.padded,
+                                   args.deepspeed)
             row = {
                 "size": size, "batch": f"{batch}x128", "precision": precision,
                 "bertops_tokens_per_s": round(ours, 1), "hf_tokens_per_s": round(theirs, 1),
@@ -249,7 +252,7 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
     report = {"device": where, "matmul_tflops": rates, "steps": args.steps, "rounds": args.rounds,
-              "hf_attention": args.hf_attention, "padded": args.padded, "load_average": os.getloadavg(), "results": results}
+              "hf_attention": args.hf_attention, "padded": args.padded, "deepspeed": args.deepspeed, "load_average": os.getloadavg(), "results": results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
