@@ -76,16 +76,8 @@ def gemm_gflops() -> float:
 def gemm_gflops_cuda(dtype) -> float:
     """Measured matmul rate of the CUDA device (GFLOP/s) at ``dtype`` on a 8192^3 product."""
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        torch.mm(a, b)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * 8192**3 / statistics.median(times) / 1e9
+    ms = median_ms(lambda: (torch.mm(a, b), torch.cuda.synchronize()), runs=10, warmup=3)
+    return 2 * 8192**3 / (ms / 1e3) / 1e9
 
 
 def bert_flops(n_tokens_per_row: list[int], layers: int, hidden: int, inter: int) -> float:

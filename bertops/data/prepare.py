@@ -97,8 +97,10 @@ def _eval_pick(n: int, fraction: float, rng: random.Random) -> set[int]:
 
 
 def _process_chunk(job: tuple[int, int, list[tuple[str, str]]]) -> dict:
-    """Split, tokenize, pair and write one chunk of documents; returns its counts and shards."""
-    return _pair_chunk(_tokenize_chunk(_split_chunk(job)))
+    """Split, tokenize, pair and write one chunk of documents (every one of :data:`STAGES`); its counts and shards."""
+    for stage in STAGES:
+        job = stage(job)
+    return job
 
 
 def _split_chunk(job: tuple[int, int, list[tuple[str, str]]]) -> dict:
@@ -289,6 +291,10 @@ def prepare(
     return manifest
 
 
+STAGES = (_split_chunk, _tokenize_chunk, _pair_chunk)
+"""A chunk's stages in order: a worker process runs them one after another, one worker pipelines them."""
+
+
 def _run(docs, settings: dict, tok, workers: int, per_shard: int, total_bytes: int, show: bool) -> list[dict]:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -311,7 +317,7 @@ def _run(docs, settings: dict, tok, workers: int, per_shard: int, total_bytes: i
             # into sentences (Python, one core). Whole chunks in two threads fell into step (both
             # tokenizing, then both in Python, a core idle ~20% of the time). Each chunk seeds its
             # own RNG streams, so the shards are the same as one chunk after the other.
-            stages = (_split_chunk, _tokenize_chunk, _pair_chunk)
+            stages = STAGES
             threads = [ThreadPoolExecutor(1) for _ in stages]
             try:
                 pending = []

@@ -52,7 +52,7 @@ from bertops import __version__
 from bertops.artifacts import LABELS_FILE, MODEL_FILE, PLUGIN_FILE, copy_support, read_export
 from bertops.config import ServeConfig
 from bertops.errors import BertopsError
-from bertops.infer import DEFAULT_MAX_LENGTH
+from bertops.infer import DEFAULT_MAX_LENGTH, groups_by_length
 from bertops.postprocess import TOP_K_OUTPUTS
 from bertops.runtimes import OPENVINO, export_runtime
 from bertops.tasks import Task, TaskInfo
@@ -250,7 +250,7 @@ def build_repository(
             "token_level": task.token_level, "max_request_bytes": int(max_request_bytes),
             "runtime": runtime.as_dict(),  # what runs model.onnx in a python model (bertops.infer.open_model)
             "providers": PROVIDERS.get(flavor),  # and on which onnxruntime providers
-            "group_by_length": flavor == "cpu"}  # GPU encoders run one padded batch (bertops.infer.groups_by_length)
+            "group_by_length": groups_by_length(PROVIDERS.get(flavor, ["CUDAExecutionProvider"]))}  # gpu: CUDA too
     params = {"bertops_task": task.name, "bertops_max_length": max_length}
     try:
         sample = encode(load_tokenizer(export_dir), [WARMUP_TEXT], max_length=max_length)
