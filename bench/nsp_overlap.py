@@ -15,13 +15,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from bertops.data.shards import read_manifest
+from bertops.data.shards import read_examples, read_manifest
 
 
 def load(data: Path, split: str) -> tuple[list[list[int]], list[int], np.ndarray]:
-    t = pq.read_table(sorted(data.glob(f"{split}-*.parquet")), columns=["input_ids", "a_length", "next_sentence_label"])
+    t = read_examples(sorted(data.glob(f"{split}-*.parquet")), columns=["input_ids", "a_length", "next_sentence_label"])
     return t["input_ids"].to_pylist(), t["a_length"].to_pylist(), np.asarray(t["next_sentence_label"].to_pylist())
 
 

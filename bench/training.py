@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # name -> (layers, hidden, heads, intermediate)
     "small": (4, 256, 4, 1024),
     "base": (12, 768, 12, 3072),
@@ -78,9 +77,13 @@ def prepare_data(out: Path) -> Path:
     from bertops.checkpoint import DEFAULT_MODEL, resolve_model_dir
     from bertops.data.corpus import wikipedia_corpus
     from bertops.data.prepare import prepare
+    from bertops.data.shards import read_manifest
+    from bertops.errors import BertopsError
 
-    if not (out / "manifest.json").is_file():
-        prepare([wikipedia_corpus()], resolve_model_dir(DEFAULT_MODEL), out, seq_len=128, progress=False)
+    try:
+        read_manifest(out)  # kept between runs; made again when missing or of an older shard format
+    except BertopsError:
+        prepare([wikipedia_corpus()], resolve_model_dir(DEFAULT_MODEL), out, seq_len=128, overwrite=True, progress=False)
     return out
 
 
@@ -106,10 +109,10 @@ def config_for(size: str, batch: int, precision: str, steps: int):
 class Bertops:
     """`bertops pretrain`'s loop over its DeepSpeed engine; ``chunk()`` runs the next ``steps`` steps."""
 
-    def __init__(self, cfg, data: Path, device: str, padded: bool = False, ds_config: str = "ds_configs/zero2.json"):
+    def __init__(self, cfg, data: Path, device: str, padded: bool = False, ds_config: str = "auto"):
         from bertops.data.pipeline import PretrainInput
         from bertops.train.dist import World, init_process_group
-        from bertops.train.dsconfig import Precision, load_ds_config
+        from bertops.train.dsconfig import Precision, choose_ds_config
         from bertops.train.engine import build_engine
         from bertops.train.loop import LoopState, Phase
 
@@ -117,7 +120,7 @@ class Bertops:
         init_process_group(world)
         t = cfg.train
         self.cfg, self.steps = cfg, t.max_steps
-        self.engine = build_engine(cfg, world, load_ds_config(ROOT / ds_config),
+        self.engine = build_engine(cfg, world, choose_ds_config(ds_config, 1)[0],
                                    Precision(t.precision, "bench"), t.micro_batch_size)
         self.engine.ds.module.bert.encoder.unpad = not padded  # --padded: the step before unpadded training
 
@@ -177,7 +180,7 @@ class HF:
 
 
 def measure(cfg, data: Path, batches: list[dict], device: str, rounds: int, hf_attention: str,
-            padded: bool = False, ds_config: str = "ds_configs/zero2.json") -> tuple[float, float]:
+            padded: bool = False, ds_config: str = "auto") -> tuple[float, float]:
     """Alternate chunks of bertops and HF steps (the first of each warms up); medians of the rest.
 
     Alternating keeps both sides under the same machine load, which drifts on shared machines.
@@ -209,8 +212,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     p.add_argument("--hf-attention", choices=("sdpa", "eager"), default="sdpa",
                    help="the HF side's attn_implementation (sdpa: transformers' default)")
-    p.add_argument("--deepspeed", default="ds_configs/zero2.json",
-                   help="bertops' DeepSpeed config (default: `bertops pretrain`'s); ds_configs/zero0.json for one process")
+    p.add_argument("--deepspeed", default="auto",
+                   help="bertops' DeepSpeed config (default: `bertops pretrain`'s: auto = ZeRO-0 on this one process)")
     p.add_argument("--padded", action="store_true",
                    help="bertops' encoder on padded tokens too (BertEncoder.unpad = False): what unpadding buys")
     args = p.parse_args()

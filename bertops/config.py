@@ -24,6 +24,9 @@ from bertops.errors import BertopsError
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
+POOLINGS = ("cls", "mean")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """BERT architecture. Field names and meanings are those of HF ``BertConfig`` (config.json)."""
@@ -45,6 +48,10 @@ class ModelConfig:
     num_labels: int = 2  # classes of the sequence / token classification head
     id2label: dict[int, str] | None = None  # label names, index -> name; None means LABEL_i
     classifier_dropout: float | None = None  # None falls back to hidden_dropout_prob, as in HF
+    # What a sequence-classification head reads: "cls" (BERT's pooler on [CLS], as HF's
+    # BertForSequenceClassification) or "mean" (the average of the real tokens, what sentence-transformers
+    # encoders were trained to produce). The same key and values as HF's ModernBERT config.
+    classifier_pooling: str = "cls"
 
     @property
     def head_size(self) -> int:
@@ -102,6 +109,8 @@ class ModelConfig:
                 raise BertopsError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.num_labels < 1:
             raise BertopsError(f"model.num_labels must be at least 1, got {self.num_labels}")
+        if self.classifier_pooling not in POOLINGS:
+            raise BertopsError(f"model.classifier_pooling={self.classifier_pooling!r} is unknown; use one of {POOLINGS}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +147,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps in total
     precision: str = "auto"  # "auto" (bf16 where native: CUDA Ampere+, CPU with AVX512-BF16/AMX; else fp32), "bf16", "fp16", "fp32"
     seed: int = 0  # seeds python, numpy and torch on every rank
-    ds_config: str = "ds_configs/zero2.json"  # DeepSpeed-only settings (ZeRO stage, offload); no batch/LR keys
+    ds_config: str = "auto"  # DeepSpeed-only settings (ZeRO stage, offload; no batch/LR keys); auto: ZeRO-0 on one rank, ZeRO-2 on several
     log_every: int = 10  # steps between log lines
     save_every: int = 500  # steps between checkpoints
     optimizer: str = "adamw"  # "adamw" or "lamb" (LAMB needs whole tensors: ZeRO stage 0 only)

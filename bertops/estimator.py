@@ -86,6 +86,7 @@ class Estimator:
         new_head: bool = False,
         deepspeed: str | None = None,
         overrides: Sequence[str] = (),
+        pooling: str = "auto",
     ):
         from bertops.checkpoint import resolve_model_dir
 
@@ -100,6 +101,7 @@ class Estimator:
             self.config = load_config(config, overrides)
         self.out_dir = Path(out_dir or self.config.train.output_dir)
         self.columns, self.new_head, self.deepspeed = columns or Columns(), new_head, deepspeed
+        self.pooling = pooling  # a new sequence-classification head: "auto" (the encoder's own), "cls" or "mean"
         self.kind = example_kind(self.task)
         self.result = None  # the last train() result
         self._predictor = None
@@ -128,7 +130,7 @@ class Estimator:
         test_examples = self.examples(test_input) if test_input is not None else None
         result = finetune(self.config, self.task.name, self.model_dir, train_examples, eval_examples, self.out_dir,
                           ds_config_path=self.deepspeed, resume=resume, new_head=self.new_head, epochs=epochs,
-                          test_examples=test_examples)
+                          test_examples=test_examples, pooling=self.pooling)
         self.result, self.model_dir, self._predictor = result, result.final_dir, None
         return result
 

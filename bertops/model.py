@@ -372,18 +372,28 @@ class BertForMaskedLM(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-    """Pooled [CLS] -> ``logits`` (B, num_labels). Single sentences and pairs alike."""
+    """Pooled text -> ``logits`` (B, num_labels). Single sentences and pairs alike.
+
+    ``cfg.classifier_pooling``: "cls" is BERT's pooler (dense + tanh on [CLS], HF's class); "mean"
+    averages the real tokens (no pooler), which is what a sentence-transformers encoder's vectors
+    mean: on BBC news, a logistic regression on all-MiniLM-L6-v2's frozen mean vectors scored
+    0.98-0.99 test accuracy and one on its [CLS] vectors 0.97-0.98.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.bert = BertModel(cfg)
+        self.mean = cfg.classifier_pooling == "mean"
+        self.bert = BertModel(cfg, add_pooling_layer=not self.mean)
         drop = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
         self.dropout = nn.Dropout(drop)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
         _init_weights(self, cfg.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        pooled = self.bert(input_ids, attention_mask, token_type_ids)["pooler_output"]
+        if self.mean and attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        pooled = mean_pool(out["last_hidden_state"], attention_mask) if self.mean else out["pooler_output"]
         out = {"logits": self.classifier(self.dropout(pooled))}
         if labels is not None:
             out["loss"] = F.cross_entropy(out["logits"].float(), labels.view(-1))

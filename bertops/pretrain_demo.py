@@ -49,10 +49,8 @@ def run_pretrain_demo(out: str | Path = "runs/demo-pretrain", say: Say = print, 
     say(f"      {summary['examples']} training pairs, {manifest['splits']['eval']['examples']} held out")
 
     overrides = [*MODEL, *TRAIN, f"train.max_steps={steps}"]
-    ds_config = _zero2()
-    flag = f" --deepspeed {ds_config}" if ds_config else ""
-    say(f"[2/5] pretrain: bertops pretrain --data {data} --out {run}{flag} {' '.join(overrides)}")
-    result = pretrain(load_config(None, overrides), data, run, ds_config)
+    say(f"[2/5] pretrain: bertops pretrain --data {data} --out {run} {' '.join(overrides)}")
+    result = pretrain(load_config(None, overrides), data, run)
     first, last = result.history[0], result.history[-1]
     summary.update(steps=result.steps, precision=result.precision, loss_first=first["loss"], loss_last=last["loss"])
     say(f"      loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']}), "
@@ -88,17 +86,6 @@ def run_pretrain_demo(out: str | Path = "runs/demo-pretrain", say: Say = print, 
         )
     say(f"      served over HTTP: {QUERY!r} -> {summary['served']} (same as in process); server stopped")
     return _finish(out, summary, say)
-
-
-def _zero2() -> str:
-    """ds_configs/zero2.json where the source tree is at hand; else "" (ZeRO stage 0, built in)."""
-    from bertops.train.dsconfig import load_ds_config
-
-    try:
-        load_ds_config("ds_configs/zero2.json")
-    except BertopsError:
-        return ""
-    return "ds_configs/zero2.json"
 
 
 def _finish(out: Path, summary: dict, say: Say) -> dict:

@@ -91,6 +91,10 @@ class Task:
     description: str = ""
     serve_outputs: tuple[ServeOutput, ...] = ()  # Triton ensemble outputs beside RESULT
     hf_architecture: str = ""  # the transformers class that loads this head (config.json "architectures")
+    # The head reads one vector per text, pooled as model.classifier_pooling says: a fresh head pools
+    # the way its encoder was trained to (bertops.finetune.heads.encoder_pooling). transformers'
+    # class (hf_architecture) pools [CLS] only, so a mean-pooled head does not name it.
+    pools: bool = False
     # A per-token output whose softmax top-k an encoder in another process (Triton's gpu flavor) computes in
     # its graph, so (B, T, K) postprocess.TOP_K_OUTPUTS cross the process boundary instead of (B, T, vocab).
     # postprocess must then accept those in place of it.
@@ -244,6 +248,7 @@ SEQUENCE_CLASSIFICATION = register_task(
         head_keys=("classifier.weight",),
         needs_labels=True,
         pairs=True,
+        pools=True,
         description="one label per text or text pair",
         loss=lazy("bertops.finetune.objectives:classification_loss"),
         metrics=lazy("bertops.finetune.objectives:classification_metrics"),

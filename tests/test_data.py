@@ -17,7 +17,7 @@ from bertops.data.corpus import bundled_sentences, read_documents, split_sentenc
 from bertops.data.masking import IGNORE_INDEX
 from bertops.data.pipeline import PretrainInput, check_tokenizer, eval_batches
 from bertops.data.prepare import prepare
-from bertops.data.shards import ShardReader, read_manifest
+from bertops.data.shards import ShardReader, read_examples, read_manifest
 from bertops.errors import BertopsError
 from bertops.tokenizer import load_tokenizer
 
@@ -51,7 +51,7 @@ def one_line(exc_info) -> str:
 
 
 def rows(data_dir: Path, split: str = "train"):
-    return pq.read_table(sorted(data_dir.glob(f"{split}-*.parquet"))).to_pylist()
+    return read_examples(sorted(data_dir.glob(f"{split}-*.parquet"))).to_pylist()
 
 
 # --- corpus ------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_dupe_factor_pairs_each_training_document_anew(tmp_path, wiki_data, wiki
         "held-out pairs do not depend on the dupe factor"
     ratio = two["splits"]["train"]["shards"][0]["examples"] / one["splits"]["train"]["examples"]
     assert 1.9 < ratio < 2.1, ratio
-    first, both = pq.read_table(tmp_path / "one" / "train-00000.parquet"), pq.read_table(wiki_data / "train-00000.parquet")
+    first, both = read_examples(tmp_path / "one" / "train-00000.parquet"), read_examples(wiki_data / "train-00000.parquet")
     assert both.slice(0, first.num_rows).equals(first)  # pass 1 = the single pairing (same seed, same stream)
     second = both.slice(first.num_rows)
 
@@ -201,20 +201,48 @@ def test_dupe_factor_pairs_each_training_document_anew(tmp_path, wiki_data, wiki
     assert changed > 0.5 * total  # most documents are cut and paired differently the second time
 
 
-def reference_pairs(bounds, pool, seq_len, short_seq_prob, rng, dupe_factor, random_pool) -> list[tuple]:
-    """create_pairs as first written: sentence after sentence, one rng.random() call per draw."""
-    max_tokens, rows = seq_len - 3, []
+def test_truncate_pair_cuts_as_berts_loop_does():
+    """BERT's truncate_seq_pair trims one token at a time, the longer segment first, front or back by a coin.
 
-    def randint(lo, hi):
-        return lo + int(rng.random() * (hi - lo + 1))
+    truncate_pair must leave the same lengths, keep each span inside the original, and trim the front
+    of a segment as often as a fair coin would (Binomial(k, 1/2)) -- not always the same end.
+    """
+    import random
 
-    def truncate(a_lo, a_hi, b_lo, b_hi):
+    from bertops.data.pairs import truncate_pair
+
+    def berts_loop(a_lo, a_hi, b_lo, b_hi, max_tokens, rng):
         while (a_hi - a_lo) + (b_hi - b_lo) > max_tokens:
             if a_hi - a_lo > b_hi - b_lo:
                 a_lo, a_hi = (a_lo + 1, a_hi) if rng.random() < 0.5 else (a_lo, a_hi - 1)
             else:
                 b_lo, b_hi = (b_lo + 1, b_hi) if rng.random() < 0.5 else (b_lo, b_hi - 1)
         return a_lo, a_hi, b_lo, b_hi
+
+    gen, rng, ref = random.Random(1), random.Random(2), random.Random(3)
+    fronts, trims = 0, 0
+    for _ in range(3000):
+        la, lb, max_tokens = gen.randint(1, 200), gen.randint(1, 200), gen.randint(2, 250)
+        span = (1000, 1000 + la, 5000, 5000 + lb)
+        got, want = truncate_pair(*span, max_tokens, rng), berts_loop(*span, max_tokens, ref)
+        assert (got[1] - got[0], got[3] - got[2]) == (want[1] - want[0], want[3] - want[2])
+        assert span[0] <= got[0] <= got[1] <= span[1] and span[2] <= got[2] <= got[3] <= span[3]
+        fronts += (got[0] - span[0]) + (got[2] - span[2])
+        trims += (la - (got[1] - got[0])) + (lb - (got[3] - got[2]))
+    assert trims > 50_000 and abs(fronts / trims - 0.5) < 0.01
+
+
+def reference_pairs(bounds, pool, seq_len, short_seq_prob, rng, dupe_factor, random_pool) -> list[tuple]:
+    """create_pairs as first written: sentence after sentence, one rng.random() call per draw."""
+    from bertops.data.pairs import truncate_pair
+
+    max_tokens, rows = seq_len - 3, []
+
+    def randint(lo, hi):
+        return lo + int(rng.random() * (hi - lo + 1))
+
+    def truncate(a_lo, a_hi, b_lo, b_hi):
+        return truncate_pair(a_lo, a_hi, b_lo, b_hi, max_tokens, rng)  # checked against BERT's loop on its own
 
     for _ in range(dupe_factor):
         for di in pool:
@@ -277,7 +305,7 @@ def test_create_pairs_draws_the_same_stream_as_the_plain_loop(seq_len):
 
 
 def test_word_start_marks_the_tokens_that_start_a_word(wiki_data, minilm_dir):
-    """word_start is one byte per token of input_ids in the file; the reader gives it back as bool."""
+    """The reader derives word starts from the ids (the file stores none); ids are stored as uint16 bytes."""
     tok = load_tokenizer(minilm_dir)
     reader = ShardReader(wiki_data)
     for i in range(0, len(reader), 97):
@@ -285,8 +313,11 @@ def test_word_start_marks_the_tokens_that_start_a_word(wiki_data, minilm_dir):
         assert ws.dtype == bool and len(ws) == len(ids)
         pieces = [tok.id_to_token(t) for t in ids.tolist()]
         assert ws.tolist() == [not (p.startswith("##") and len(p) > 2) for p in pieces]
-    table = pq.read_table(min(wiki_data.glob("train-*.parquet")), columns=["input_ids", "word_start"])
-    assert pc.binary_length(table["word_start"]).to_pylist() == pc.list_value_length(table["input_ids"]).to_pylist()
+    raw = pq.read_table(min(wiki_data.glob("train-*.parquet")))
+    assert "word_start" not in raw.column_names and read_manifest(wiki_data)["ids_dtype"] == "<u2"
+    decoded = read_examples(min(wiki_data.glob("train-*.parquet")))["input_ids"].to_pylist()
+    assert pc.binary_length(raw["input_ids"]).to_pylist() == [2 * len(ids) for ids in decoded]
+    assert decoded[5] == reader.row(5)[0].tolist()
 
 
 # --- masking ----------------------------------------------------------------------------------------

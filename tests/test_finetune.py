@@ -215,7 +215,9 @@ def test_bbc_topics_beat_tfidf_logistic_regression(bbc):
     assert rows[-1] == {"step": 40, **{f"test_{k}": v for k, v in result.test.items()}}
     cfg = json.loads((result.final_dir / "config.json").read_text())
     assert sorted(cfg["id2label"].values()) == ["business", "entertainment", "politics", "sports", "tech"]
-    assert cfg["finetuning_task"] == "sequence-classification" and cfg["architectures"] == ["BertForSequenceClassification"]
+    assert cfg["finetuning_task"] == "sequence-classification"
+    # all-MiniLM-L6-v2 was trained to mean-pool: its head reads the mean, which HF's BertForSequenceClassification cannot
+    assert cfg["classifier_pooling"] == "mean" and cfg["architectures"] == ["BertModel"]
     assert cfg["bertops_max_length"] == 64  # predict and Triton read texts as training did
     answer = est.predict(["The striker scored twice as the club won the cup final at Wembley."])[0]
     assert answer["label"] == "sports" and set(answer["probabilities"]) == set(cfg["label2id"])
@@ -360,6 +362,36 @@ def test_head_that_does_not_fit_offers_new_head(tmp_path, tiny_checkpoint):
     same.train([{"tokens": ["Paris"], "tags": ["B-LOC"]}])  # a subset of the head's labels keeps the head
     assert json.loads((tmp_path / "d" / "final" / "config.json").read_text())["id2label"] == {
         str(k): v for k, v in NER_LABELS.items()}
+
+
+def test_a_new_head_pools_the_way_its_encoder_was_trained(tmp_path, tiny_checkpoint, minilm_dir):
+    """sentence-transformers' mean pooling for all-MiniLM-L6-v2, BERT's [CLS] pooler otherwise; an explicit
+    --pooling that an existing head was not trained with is a one-line error offering --new-head."""
+    import bertops
+    from bertops.finetune.heads import encoder_pooling, mark_finetuned
+    from bertops.tasks import get_task
+
+    assert encoder_pooling(minilm_dir) == "mean"  # its 1_Pooling/config.json averages the tokens
+    assert encoder_pooling(tiny_checkpoint("pretraining")) == "cls"
+    cfg = config("train.max_steps=2", "train.global_batch_size=2", "train.micro_batch_size=2", "train.precision=fp32",
+                 "data.max_seq_len=16")
+    rows = [{"text": "a cat sat", "label": "animal"}, {"text": "a car drove", "label": "vehicle"}]
+    est = bertops.Estimator("sequence-classification", tiny_checkpoint("pretraining"), cfg, out_dir=tmp_path / "mean",
+                            pooling="mean")
+    est.train(rows)
+    written = json.loads((tmp_path / "mean" / "final" / "config.json").read_text())
+    assert written["classifier_pooling"] == "mean" and written["architectures"] == ["BertModel"]  # not HF's [CLS] class
+    assert est.predict(["a cat sat"])[0]["label"] in ("animal", "vehicle")
+    assert encoder_pooling(tmp_path / "mean" / "final") == "mean"
+    with pytest.raises(BertopsError, match="reads mean pooling, not cls; pass --new-head"):
+        bertops.Estimator("sequence-classification", tmp_path / "mean" / "final", cfg, out_dir=tmp_path / "x",
+                          pooling="cls").train(rows)
+    with pytest.raises(BertopsError, match="--pooling 'max' is unknown"):
+        bertops.Estimator("sequence-classification", tiny_checkpoint("pretraining"), cfg, out_dir=tmp_path / "y",
+                          pooling="max").train(rows)
+    cls = tiny_checkpoint("sequence-classification", num_labels=2, id2label={0: "animal", 1: "vehicle"})
+    mark_finetuned(cls, get_task("sequence-classification"))
+    assert json.loads((cls / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
 
 
 def test_a_task_built_from_functions_trains(tmp_path, tiny_checkpoint):

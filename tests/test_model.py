@@ -78,13 +78,14 @@ def test_mlm_loss_sparse_equals_full_logits():
 
 
 @pytest.mark.parametrize("task,checkpointing", [("pretraining", False), ("pretraining", True),
-                                                 ("token-classification", False)])
+                                                 ("token-classification", False), ("sequence-classification", False)])
 def test_unpadded_training_equals_padded(task, checkpointing):
     """CPU training runs the layers on real tokens only (BertEncoder.unpad): the same loss and the
     same gradients as the padded computation (no dropout, so both draw nothing random), padded
     positions of the output zero, and a batch without padding gives the padded path's numbers too."""
     torch.manual_seed(0)
-    cfg = tiny_config(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = tiny_config(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                      classifier_pooling="mean")  # (read by sequence classification only)
     model = get_task(task).build_model(cfg).train()
     model.bert.encoder.gradient_checkpointing = checkpointing
     ids, mask, types = _inputs()
@@ -92,6 +93,8 @@ def test_unpadded_training_equals_padded(task, checkpointing):
         labels = torch.full_like(ids, -100)
         labels[0, [1, 9]], labels[1, 2], labels[2, 0] = ids[0, [1, 9]], ids[1, 2], ids[2, 0]
         kwargs = {"labels": labels, "next_sentence_label": torch.tensor([0, 1, 1])}
+    elif task == "sequence-classification":  # the mean over real tokens must not see the padded zeros
+        kwargs = {"labels": torch.tensor([2, 0, 1])}
     else:
         kwargs = {"labels": torch.randint(0, 3, ids.shape).masked_fill(mask == 0, -100)}
     runs = {}
@@ -112,6 +115,25 @@ def test_unpadded_training_equals_padded(task, checkpointing):
     padded = model.bert(ids, full, types)["last_hidden_state"]
     model.bert.encoder.unpad = True
     torch.testing.assert_close(model.bert(ids, full, types)["last_hidden_state"], padded)
+
+
+def test_mean_pooled_classifier_reads_the_average_of_real_tokens():
+    """classifier_pooling="mean": logits = classifier(mean of the real tokens' vectors), no pooler; padding changes nothing."""
+    from bertops.errors import BertopsError
+
+    torch.manual_seed(0)
+    model = get_task("sequence-classification").build_model(tiny_config(num_labels=3, classifier_pooling="mean")).eval()
+    assert model.bert.pooler is None and not any(n.startswith("bert.pooler") for n in model.state_dict())
+    ids, mask, types = _inputs()
+    with torch.no_grad():
+        hidden = model.bert(ids, mask, types)["last_hidden_state"]
+        mean = torch.stack([hidden[i, mask[i] == 1].mean(0) for i in range(len(ids))])
+        torch.testing.assert_close(model(ids, mask, types)["logits"], model.classifier(mean))
+        n = int(mask[1].sum())
+        alone = model(ids[1:2, :n], mask[1:2, :n], types[1:2, :n])["logits"]
+    torch.testing.assert_close(alone, model.classifier(mean[1:2]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(BertopsError, match="classifier_pooling='max' is unknown"):
+        tiny_config(classifier_pooling="max").validate()
 
 
 def test_decoder_is_tied_to_word_embeddings():

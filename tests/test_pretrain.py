@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bertops.config import load_config
+from bertops.config import TrainConfig, load_config
 from bertops.errors import BertopsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +67,10 @@ def bertops_cmd() -> str:
     return shutil.which("bertops") or str(Path(sys.executable).parent / "bertops")
 
 
-def pretrain_args(data: Path, out: Path, ds: str, *overrides: str) -> list[str]:
+def pretrain_args(data: Path, out: Path, ds: str | None, *overrides: str) -> list[str]:
+    """``ds``: a file of ds_configs/, or None for the config's default (auto)."""
     return ["pretrain", "-c", str(TINY_YAML), "--data", str(data), "--out", str(out),
-            "--deepspeed", str(ROOT / "ds_configs" / ds), "--resume", "auto", *BASE, *overrides]
+            *(["--deepspeed", str(ROOT / "ds_configs" / ds)] if ds else []), "--resume", "auto", *BASE, *overrides]
 
 
 def launch(n: int, data: Path, out: Path, ds: str, *overrides: str, port: int | None = None,
@@ -167,6 +168,17 @@ def test_ds_config_owning_bertops_keys_is_refused(tmp_path, key):
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
     with pytest.raises(BertopsError, match="precision comes from train.precision"):
         load_ds_config(path)
+
+
+def test_auto_ds_config_is_zero0_on_one_rank_and_zero2_on_several():
+    from bertops.train.dsconfig import choose_ds_config, load_ds_config, zero_stage
+
+    one, line = choose_ds_config("auto", 1)
+    assert zero_stage(one) == 0 and "auto -> ds_configs/zero0.json (one rank" in line
+    several, line = choose_ds_config("auto", 4)
+    assert several == load_ds_config(ROOT / "ds_configs" / "zero2.json") and "several ranks" in line
+    assert zero_stage(choose_ds_config(str(ROOT / "ds_configs" / "zero3.json"), 1)[0]) == 3  # a file is taken as is
+    assert TrainConfig().ds_config == "auto"
 
 
 def test_shipped_ds_configs_cover_every_stage_and_offload():
@@ -426,6 +438,7 @@ def test_zero2_fp32_resume_after_sigkill_repeats_the_same_losses(shards, tmp_pat
 
 @pytest.mark.slow
 def test_zero3_two_ranks_then_resume_on_one_rank_from_the_same_examples(shards, tmp_path):
+    """Then the one rank runs the default ds_config (auto: ZeRO-0 there), as a user resuming on one machine would."""
     two = run_launch(2, shards, tmp_path / "two", "zero3.json", "train.max_steps=12", "train.save_every=6",
                      "train.eval_every=6", *NO_DROPOUT)
     ref = rows(two)
@@ -436,11 +449,12 @@ def test_zero3_two_ranks_then_resume_on_one_rank_from_the_same_examples(shards, 
 
     one = tmp_path / "one"
     shutil.copytree(two / "checkpoints" / "global_step6", one / "checkpoints" / "global_step6")
-    proc = subprocess.run([bertops_cmd(), *pretrain_args(shards, one, "zero2.json", "train.max_steps=12",
+    proc = subprocess.run([bertops_cmd(), *pretrain_args(shards, one, None, "train.max_steps=12",
                                                          "train.save_every=6", *NO_DROPOUT)],
                           capture_output=True, text=True, env=clean_env(), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (one / "train.log").read_text()
+    assert "DeepSpeed config auto -> ds_configs/zero0.json (one rank" in log and "ZeRO stage 0" in log
     assert "written by 2 rank(s), ZeRO-3" in log and "optimizer moments restart from zero" in log
     got = rows(one)
     assert sorted(got) == list(range(7, 13))

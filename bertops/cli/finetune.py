@@ -55,6 +55,9 @@ def finetune(
         "--deepspeed", help="DeepSpeed JSON: ZeRO stage, offload (default: config train.ds_config).")] = None,
     new_head: Annotated[bool, typer.Option(
         "--new-head", help="Replace a head that does not fit the task or the labels with a fresh one.")] = False,
+    pooling: Annotated[str, typer.Option(
+        help="What a new sequence-classification head reads: auto (the encoder's own: mean for sentence-transformers "
+             "models, else [CLS]), cls or mean.")] = "auto",
     epochs: Annotated[float | None, typer.Option(help="Passes over --train (sets the step count; default: train.max_steps).")] = None,
     resume: Annotated[str | None, typer.Option(
         help="'auto': continue from the newest intact checkpoint in OUT; or a tag, global_stepN.")] = None,
@@ -69,7 +72,7 @@ def finetune(
     from bertops.estimator import Estimator
 
     est = Estimator(value(task), model, config, out_dir=out_dir, new_head=new_head, deepspeed=deepspeed,
-                    overrides=overrides or [],
+                    overrides=overrides or [], pooling=pooling,
                     columns=_columns(text_column, text_pair_column, label_column, tokens_column, tags_column))
     result = est.train(train, eval_file, test_input=test_file, epochs=epochs, resume=resume)
     if _rank() == 0:

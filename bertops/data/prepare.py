@@ -10,7 +10,7 @@ random segments only from other eval documents. Each training document is segmen
 ``dupe_factor`` times over, each time anew (BERT's ``dupe_factor``: one fixed pairing is memorised
 within a few passes); held-out documents are paired once. Whole documents are tokenized in batches with the
 fast tokenizer (no special tokens), sentence boundaries are mapped from characters to tokens, and
-word starts are read off the WordPiece ``##`` prefix.
+the reader derives word starts from the ids.
 
 Everything is written into a temporary sibling folder that is renamed to ``out_dir`` at the end, so
 an interrupted or failed run leaves nothing half-written.
@@ -31,7 +31,7 @@ import numpy as np
 
 from bertops.data.corpus import Document, Skips, expand_inputs, read_documents, sentence_starts
 from bertops.data.pairs import DUPE_FACTOR, assemble, create_pairs
-from bertops.data.shards import FORMAT, MANIFEST, TOKENIZER_SUBDIR, tokenizer_hash, write_shard
+from bertops.data.shards import FORMAT, MANIFEST, TOKENIZER_SUBDIR, ids_dtype, tokenizer_hash, write_shard
 from bertops.errors import BertopsError
 
 SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -51,15 +51,6 @@ def _vocab_info(tok) -> dict:
     return {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "special_ids": ids, "continuation_prefix": prefix}
 
 
-def _continuation_table(tok, prefix: str | None) -> np.ndarray:
-    table = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=bool)
-    if prefix:
-        for token, i in tok.get_vocab(with_added_tokens=True).items():
-            if token.startswith(prefix) and len(token) > len(prefix):
-                table[i] = True
-    return table
-
-
 def _init_worker(settings: dict, tok=None) -> None:
     """Set up this process's tokenizer; a worker process gets it from its parent when forked."""
     from bertops.tokenizer import load_tokenizer
@@ -70,8 +61,7 @@ def _init_worker(settings: dict, tok=None) -> None:
             return
         tok = load_tokenizer(settings["tokenizer_dir"])
     info = _vocab_info(tok)
-    word_start = ~_continuation_table(tok, info["continuation_prefix"])  # (vocab,) bool, by token id
-    _worker.update(settings=settings, tok=tok, info=info, word_start=word_start)
+    _worker.update(settings=settings, tok=tok, info=info, dtype=ids_dtype(info["vocab_size"]))
 
 
 def default_workers(cores: int | None = None) -> int:
@@ -132,7 +122,7 @@ def _tokenize_chunk(job: dict) -> dict:
 
 def _pair_chunk(job: dict) -> dict:
     """A chunk's last stage: sentence boundaries in tokens, NSP pairs, Parquet shards; its counts and shards."""
-    st, info, word_start = _worker["settings"], _worker["info"], _worker["word_start"]
+    st, info = _worker["settings"], _worker["info"]
     chunk, skips, encs = job["chunk"], job["skips"], job["encs"]
     tokens = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=sum(map(len, encs)))
     bounds: list[list[int]] = []
@@ -177,12 +167,12 @@ def _pair_chunk(job: dict) -> dict:
         if not len(pairs):
             continue
         ids_flat, offsets, a_length = assemble(tokens, pairs, info["special_ids"]["cls"], info["special_ids"]["sep"])
-        cols = {"ids": ids_flat, "word_start": np.take(word_start, ids_flat), "offsets": offsets,
+        cols = {"ids": ids_flat, "offsets": offsets,
                 "a_length": a_length, "next_sentence_label": pairs.random_next, "doc": doc_map[pairs.doc],
                 "sentence_a": pairs.sentence_a, "doc_b": doc_map[pairs.doc_b], "sentence_b": pairs.sentence_b}
         name = f"{split}-{chunk:05d}.parquet"
         try:
-            rows = write_shard(Path(st["tmp_dir"]) / name, cols)
+            rows = write_shard(Path(st["tmp_dir"]) / name, cols, _worker["dtype"])
         except OSError as exc:
             raise BertopsError(f"writing shard {name} failed ({exc.strerror or exc}); free disk space or pick another --out") from None
         result["splits"][split] = {"file": name, "examples": rows, "tokens": int(len(ids_flat)),
@@ -366,6 +356,7 @@ def _manifest(results, skips: Skips, files, info, tok_hash, settings, per_shard,
     return {
         "format": FORMAT,
         "seq_len": settings["seq_len"],
+        "ids_dtype": ids_dtype(info["vocab_size"]),
         "tokenizer": {"hash": tok_hash, **info, "files": TOKENIZER_SUBDIR},
         "counts": {
             "documents": sum(r["documents"] for r in results),

@@ -89,8 +89,10 @@ def _weights_keys(model_dir: Path) -> set[str]:
         return set(_normalise_keys(dict.fromkeys(f.keys(), 0)))
 
 
-def build_model(model_dir: str | Path, task: Task, labels: Sequence[str], fresh_head: bool):
+def build_model(model_dir: str | Path, task: Task, labels: Sequence[str], fresh_head: bool, pooling: str = "auto"):
     """The task's model with the checkpoint's weights (fresh head where ``fresh_head``); (model, ModelConfig).
+
+    ``pooling`` ("auto", "cls" or "mean"): what a fresh head of a pooling task reads; auto = the encoder's own.
 
     Call with the same seed on every rank: the fresh head's random init must agree.
     """
@@ -100,6 +102,9 @@ def build_model(model_dir: str | Path, task: Task, labels: Sequence[str], fresh_
     cfg = read_config(model_dir)
     if task.needs_labels:
         cfg = dataclasses.replace(cfg, num_labels=len(labels), id2label=dict(enumerate(labels)))
+    if fresh_head:  # recorded for every head, so a later head on this encoder pools the same way
+        chosen = pooling if task.pools and pooling != "auto" else encoder_pooling(model_dir)
+        cfg = dataclasses.replace(cfg, classifier_pooling=chosen)
     model = task.build_model(cfg)
     state = _weights(model_dir)
     if fresh_head:
@@ -107,6 +112,42 @@ def build_model(model_dir: str | Path, task: Task, labels: Sequence[str], fresh_
     load_weights(model, state, model_dir, lambda shape: f"the {task.name} model needs {shape}; "
                  "pass --new-head if it is the head, else the config and weights differ")
     return model, cfg
+
+
+def check_pooling(model_dir: str | Path, task: Task, fresh_head: bool, pooling: str) -> None:
+    """A one-line error for an unknown ``pooling``, or one that an existing head was not trained with."""
+    from bertops.checkpoint import read_config
+    from bertops.config import POOLINGS
+
+    if pooling != "auto" and pooling not in POOLINGS:
+        raise BertopsError(f"--pooling {pooling!r} is unknown; use auto, {' or '.join(POOLINGS)}")
+    if pooling == "auto" or not task.pools or fresh_head:
+        return
+    have = read_config(model_dir).classifier_pooling
+    if have != pooling:
+        raise BertopsError(f"checkpoint {model_dir} has a {task.name} head that reads {have} pooling, not {pooling}; "
+                           "pass --new-head to train a fresh head")
+
+
+def encoder_pooling(model_dir: str | Path) -> str:
+    """How a checkpoint's encoder pools a text into one vector: what a new sequence-classification head reads.
+
+    "mean" for a sentence-transformers folder whose pooling (``1_Pooling/config.json``) averages the
+    tokens, such as all-MiniLM-L6-v2: its [CLS] vector was never trained to stand for the text and
+    its pooler is the untouched one of the model it was distilled from. Else the folder's
+    ``classifier_pooling``, else "cls" (BERT's pooler, which pretraining trains on NSP).
+    """
+    from bertops.config import POOLINGS
+
+    raw = raw_config(model_dir)
+    if raw.get("classifier_pooling") in POOLINGS:
+        return raw["classifier_pooling"]
+    st = Path(model_dir) / "1_Pooling" / "config.json"
+    try:
+        modes = json.loads(st.read_text(encoding="utf-8")) if st.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        modes = {}
+    return "mean" if modes.get("pooling_mode_mean_tokens") and not modes.get("pooling_mode_cls_token") else "cls"
 
 
 def mark_finetuned(folder: str | Path, task: Task, max_length: int | None = None) -> None:
@@ -121,6 +162,8 @@ def mark_finetuned(folder: str | Path, task: Task, max_length: int | None = None
     raw[TASK_KEY] = task.name
     if max_length:
         raw[TRAINED_LENGTH_KEY] = int(max_length)
-    if task.hf_architecture:
+    if task.hf_architecture and not (task.pools and raw.get("classifier_pooling") == "mean"):
         raw["architectures"] = [task.hf_architecture]
+    elif task.hf_architecture:  # transformers' class would pool [CLS]: name only the encoder it loads
+        raw["architectures"] = ["BertModel"]
     path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")

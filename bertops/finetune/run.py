@@ -80,14 +80,15 @@ class Plan:
     precision: object
     ds_raw: dict
     out_dir: Path
+    ds_choice: str  # the run log's line on which DeepSpeed config runs
 
 
 def plan_run(cfg: Config, task: Task, model_dir: Path, train: Sequence[dict], evals: Sequence[dict] | None,
              out_dir: Path, ds_config_path: str | None, resume: str | None, new_head: bool,
-             epochs: float | None, tests: Sequence[dict] | None = None) -> Plan:
+             epochs: float | None, tests: Sequence[dict] | None = None, pooling: str = "auto") -> Plan:
     """Every check that can fail on user input, before any rank talks to another."""
     from bertops.train.dist import world_from_env
-    from bertops.train.dsconfig import load_ds_config, resolve_precision, zero_stage
+    from bertops.train.dsconfig import choose_ds_config, resolve_precision, zero_stage
     from bertops.train.optim import check_optimizer
     from bertops.train.run import _check_run_dir
 
@@ -107,9 +108,11 @@ def plan_run(cfg: Config, task: Task, model_dir: Path, train: Sequence[dict], ev
         labels, fresh = heads.head_labels(model_dir, task, labels, new_head)
     else:
         fresh = heads.head_labels(model_dir, task, [], new_head)[1]
+    heads.check_pooling(model_dir, task, fresh, pooling)
     world = world_from_env()
     steps = train_steps(cfg, len(train), world.world_size, epochs)
-    ds_raw = load_ds_config(cfg.train.ds_config if ds_config_path is None else ds_config_path)
+    ds_raw, ds_choice = choose_ds_config(cfg.train.ds_config if ds_config_path is None else ds_config_path,
+                                         world.world_size)
     check_optimizer(cfg.train, zero_stage(ds_raw))
     precision = resolve_precision(cfg.train.precision, world.device)
     if resume not in (None, "", "auto") and not ckpt.TAG_RE.match(resume):
@@ -117,7 +120,7 @@ def plan_run(cfg: Config, task: Task, model_dir: Path, train: Sequence[dict], ev
     if not resume and ckpt.tags(out_dir / CHECKPOINT_DIR):
         raise BertopsError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run, or another --out")
     _check_run_dir(out_dir, needed=(model_dir / "model.safetensors").stat().st_size * 8 + (16 << 20))
-    return Plan(task, labels, fresh, steps, world, precision, ds_raw, out_dir)
+    return Plan(task, labels, fresh, steps, world, precision, ds_raw, out_dir, ds_choice)
 
 
 def checkpoint_to_folder(tag_dir: Path, meta: dict, task: Task, out: Path) -> Path:
@@ -165,6 +168,7 @@ def finetune(
     new_head: bool = False,
     epochs: float | None = None,
     test_examples: Sequence[dict] | None = None,
+    pooling: str = "auto",
 ) -> FinetuneResult:
     """Fine-tune ``model_dir`` for ``task`` on checked examples (every rank passes the same ones);
     ``eval_examples`` pick ``final/``, ``test_examples`` only score it."""
@@ -181,7 +185,7 @@ def finetune(
     began = time.perf_counter()
     spec, model_dir, out_dir = get_task(task), Path(model_dir), Path(out_dir)
     plan = plan_run(cfg, spec, model_dir, train_examples, eval_examples, out_dir, ds_config_path, resume, new_head,
-                    epochs, test_examples)
+                    epochs, test_examples, pooling)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=plan.max_steps))  # the LR schedule's length
     world, t = plan.world, cfg.train
     ckpt_dir = out_dir / CHECKPOINT_DIR
@@ -198,9 +202,10 @@ def finetune(
         world.world_size, zero_stage(plan.ds_raw), plan.precision.name)
 
     ckpt.seed_everything(t.seed)  # a fresh head starts from the same random weights on every rank
-    model, model_cfg = heads.build_model(model_dir, spec, labels, plan.fresh_head)
+    model, model_cfg = heads.build_model(model_dir, spec, labels, plan.fresh_head, pooling)
     init_state = fp32_state_dict(ckpt_dir / found.tag, int(meta["zero_stage"])) if found.tag and not same_layout else None
     say(plan.precision.reason)
+    say(plan.ds_choice)
     engine = build_engine(cfg, world, plan.ds_raw, plan.precision, t.micro_batch_size, init_state=init_state,
                           start_step=start, model=model)
     if found.tag and same_layout:

@@ -60,6 +60,32 @@ def resolve_precision(requested: str, device: str) -> Precision:
     return Precision(requested, f"precision {requested} (as configured) on {where}{note}")
 
 
+AUTO = "auto"
+# What ``auto`` (the default ``train.ds_config``) picks: ZeRO-2 shards optimizer state and gradients
+# across ranks, which on one rank saves nothing and costs its bookkeeping (gradient hooks, partition
+# copies, an fp64 gradient norm): 11-26% of a one-process CPU step (docs/BENCHMARKS.md).
+AUTO_CONFIGS = {"one rank": ("ds_configs/zero0.json", 0), "several ranks": ("ds_configs/zero2.json", 2)}
+
+
+def choose_ds_config(setting: str | Path | None, world_size: int) -> tuple[dict[str, Any], str]:
+    """The ds_config for ``setting`` (a JSON path, ``auto``, or empty) and a line for the run log saying which.
+
+    ``auto``: ZeRO-0 on one rank, ZeRO-2 on several (``ds_configs/`` beside the package, or the bare
+    stage where the package is installed without it). Changing the rank count of a run therefore
+    changes its stage too; resuming across rank counts already rebuilds the fp32 weights from any
+    stage (``bertops.train.convert``), so nothing else changes.
+    """
+    if str(setting or "") != AUTO:
+        return load_ds_config(setting), f"DeepSpeed config {setting or '(built in: ZeRO stage 0)'}"
+    which = "one rank" if world_size == 1 else "several ranks"
+    path, stage = AUTO_CONFIGS[which]
+    try:
+        raw = load_ds_config(path)
+    except BertopsError:  # an installed package without the source tree's ds_configs/
+        raw, path = {"zero_optimization": {"stage": stage}}, f"ZeRO stage {stage}, built in"
+    return raw, f"DeepSpeed config auto -> {path} ({which}; pass --deepspeed to choose)"
+
+
 def load_ds_config(path: str | Path | None) -> dict[str, Any]:
     """Read a ds_config JSON and refuse the keys bertops owns. ``None`` or "" -> ZeRO stage 0 defaults."""
     if not path:

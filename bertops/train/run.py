@@ -31,7 +31,7 @@ from bertops.errors import BertopsError
 from bertops.tasks import FILL_MASK, PRETRAINING
 from bertops.train import checkpoints as ckpt
 from bertops.train.dist import LAUNCHER_ENV, World, barrier, init_process_group, world_from_env
-from bertops.train.dsconfig import Precision, load_ds_config, resolve_precision, zero_stage
+from bertops.train.dsconfig import Precision, choose_ds_config, resolve_precision, zero_stage
 
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
@@ -132,6 +132,7 @@ class Plan:
     run_dir: Path
     tokenizer_dir: Path
     micro2: int
+    ds_choice: str  # the run log's line on which DeepSpeed config runs
 
 
 def plan_run(cfg: Config, data_dir: str | Path, out_dir: str | Path | None, ds_config_path: str | None,
@@ -148,7 +149,7 @@ def plan_run(cfg: Config, data_dir: str | Path, out_dir: str | Path | None, ds_c
         dataclasses.replace(t, micro_batch_size=micro2).grad_accum_steps(world.world_size)
         if t.phase2_step >= t.max_steps:
             raise BertopsError(f"train.phase2_step={t.phase2_step} must be below train.max_steps={t.max_steps}")
-    ds_raw = load_ds_config(t.ds_config if ds_config_path is None else ds_config_path)
+    ds_raw, ds_choice = choose_ds_config(t.ds_config if ds_config_path is None else ds_config_path, world.world_size)
     from bertops.train.optim import check_optimizer
 
     check_optimizer(t, zero_stage(ds_raw))
@@ -163,7 +164,7 @@ def plan_run(cfg: Config, data_dir: str | Path, out_dir: str | Path | None, ds_c
     params = _parameter_count(cfg)
     _check_run_dir(run_dir, needed=params * 20 + (16 << 20))  # bf16/fp32 weights + fp32 masters + Adam moments
     tokenizer_dir = Path(data_dir) / "tokenizer"
-    return Plan(world, precision, ds_raw, run_dir, tokenizer_dir, micro2)
+    return Plan(world, precision, ds_raw, run_dir, tokenizer_dir, micro2, ds_choice)
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -214,6 +215,7 @@ def _run(cfg: Config, plan: Plan, data_dir: str | Path, resume: str | None) -> P
         init_state = fp32_state_dict(ckpt_dir / found.tag, int(meta["zero_stage"]))
 
     say(plan.precision.reason)
+    say(plan.ds_choice)
     if world.device == "cpu":
         import torch
 
