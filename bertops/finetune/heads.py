@@ -162,8 +162,7 @@ def mark_finetuned(folder: str | Path, task: Task, max_length: int | None = None
     raw[TASK_KEY] = task.name
     if max_length:
         raw[TRAINED_LENGTH_KEY] = int(max_length)
-    if task.hf_architecture and not (task.pools and raw.get("classifier_pooling") == "mean"):
-        raw["architectures"] = [task.hf_architecture]
-    elif task.hf_architecture:  # transformers' class would pool [CLS]: name only the encoder it loads
-        raw["architectures"] = ["BertModel"]
+    if task.hf_architecture:  # transformers' classes pool [CLS]: a mean-pooled head names only the encoder
+        mean = task.pools and raw.get("classifier_pooling") == "mean"
+        raw["architectures"] = ["BertModel" if mean else task.hf_architecture]
     path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
