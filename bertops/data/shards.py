@@ -111,7 +111,7 @@ def read_examples(path: str | Path, columns: list[str] | None = None):
     table = pq.read_table(path, columns=columns)
     if "input_ids" not in table.column_names:
         return table
-    dtype = (table.schema.field("input_ids").metadata or {}).get(b"dtype", b"uint16").decode()
+    dtype = table.schema.field("input_ids").metadata[b"dtype"].decode()  # written by write_shard
     ids, offsets = decode_ids(table.column("input_ids").combine_chunks(), dtype)
     lists = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids))
     return table.set_column(table.column_names.index("input_ids"), "input_ids", lists)
@@ -182,6 +182,8 @@ class ShardReader:
     def __init__(self, data_dir: str | Path, split: str = "train", cache_groups: int = 64):
         import pyarrow.parquet as pq
 
+        from bertops.tokenizer import load_tokenizer
+
         if split not in SPLITS:
             raise BertopsError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         self.data_dir = Path(data_dir)
@@ -209,8 +211,6 @@ class ShardReader:
                 start += pf.metadata.row_group(g).num_rows
         self.num_rows = start
         self.dtype = self.manifest["ids_dtype"]
-        from bertops.tokenizer import load_tokenizer
-
         self.word_start = word_start_table(load_tokenizer(self.data_dir / TOKENIZER_SUBDIR))
         self.group_starts_np = np.asarray(self.group_starts + [start], dtype=np.int64)
         self.cache: OrderedDict[int, RowGroup] = OrderedDict()
