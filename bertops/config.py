@@ -137,7 +137,9 @@ class TrainConfig:
     """Optimisation settings. Gradient accumulation is derived, never set: see ``grad_accum_steps``."""
 
     task: str = tasks.PRETRAINING.name  # a registered task (bertops.tasks.task_names())
-    init_from: str = ""  # checkpoint folder to start from; empty: random init from `model`
+    # pretraining: a checkpoint folder (e.g. a released encoder) to continue from, with its architecture and
+    # tokenizer (domain- or task-adaptive pretraining); empty: a fresh model shaped by `model`
+    init_from: str = ""
     output_dir: str = "runs/default"  # checkpoints and logs land here
     global_batch_size: int = 32  # sequences per optimizer step, across all ranks
     micro_batch_size: int = 8  # sequences per rank per forward pass

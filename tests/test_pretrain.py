@@ -387,6 +387,48 @@ def test_two_phase_schedule_switches_data_and_micro_batch(shards, minilm_dir, tm
     assert resumed.resumed_from == "global_step4" and resumed.steps == 6
 
 
+def test_pretraining_continues_from_a_released_encoder(shards, minilm_dir, tmp_path):
+    """train.init_from (task-adaptive pretraining): all-MiniLM-L6-v2's shape and weights, whatever the config's
+    model section says (tiny.yaml's here), fresh MLM/NSP heads; shards of another tokenizer are refused."""
+    from safetensors.torch import load_file
+
+    from bertops.checkpoint import _normalise_keys
+    from bertops.train import pretrain
+
+    run = tmp_path / "run"
+    cfg = tiny("train.max_steps=2", "train.save_every=2", "train.eval_batches=1", "train.learning_rate=1e-5",
+               "train.precision=fp32", f"train.init_from={minilm_dir}")
+    result = pretrain(cfg, shards, run, str(ROOT / "ds_configs" / "zero0.json"))
+    assert result.steps == 2
+    assert "6 layers, hidden 384, 12 heads, vocabulary 30522" in (run / "train.log").read_text()
+    assert "fresh MLM and NSP heads" in (run / "train.log").read_text()
+    saved = json.loads((run / "final" / "config.json").read_text())
+    assert (saved["hidden_size"], saved["num_hidden_layers"], saved["intermediate_size"]) == (384, 6, 1536)
+    start = _normalise_keys(load_file(str(minilm_dir / "model.safetensors")))
+    final = load_file(str(run / "final" / "model.safetensors"))
+    moved = {k: float((final[k].float() - v.float()).abs().max()) for k, v in start.items() if k in final}
+    assert len(moved) >= 100 and max(moved.values()) < 1e-4, max(moved.items(), key=lambda kv: kv[1])  # 2 steps at 1e-5
+    assert final["cls.seq_relationship.weight"].shape == (2, 384)
+
+    # the same vocabulary size but a cased tokenizer: ids would mean other word pieces
+    cased = tmp_path / "cased"
+    cased.mkdir()
+    spec = json.loads((minilm_dir / "tokenizer.json").read_text())
+    spec["normalizer"]["lowercase"] = False
+    (cased / "tokenizer.json").write_text(json.dumps(spec))
+    from bertops.data.corpus import write_bundled_corpus
+    from bertops.data.prepare import prepare
+
+    write_bundled_corpus(tmp_path / "corpus.txt")
+    prepare([tmp_path / "corpus.txt"], cased, tmp_path / "cased-shards", seq_len=64, progress=False)
+    proc = subprocess.run([bertops_cmd(), "pretrain", "-c", str(TINY_YAML), "--data", str(tmp_path / "cased-shards"),
+                           "--out", str(tmp_path / "run2"), "--init-from", "all-MiniLM-L6-v2"],
+                          capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "tokenized with another tokenizer" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
 def test_convert_any_stage_and_plot_cli(shards, tmp_path):
     from bertops.train import pretrain
 

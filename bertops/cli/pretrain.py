@@ -24,12 +24,15 @@ def pretrain(
     resume: Annotated[str | None, typer.Option(
         help="'auto': continue from the newest intact checkpoint in RUN_DIR (or start); or a tag, global_stepN."
     )] = None,
+    init_from: Annotated[str | None, typer.Option(
+        "--init-from", help="Continue pretraining a checkpoint folder (e.g. all-MiniLM-L6-v2's): its architecture "
+        "and weights; prepare --data with its tokenizer (config train.init_from).")] = None,
 ):
     """Pretrain masked-LM + NSP with DeepSpeed ZeRO. Same command alone or under `deepspeed --num_gpus N`."""
     from bertops.config import load_config
     from bertops.train.run import pretrain as run
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, [*(overrides or []), *([f"train.init_from={init_from}"] if init_from else [])])
     result = run(cfg, data, out_dir, deepspeed, resume)
     if result.world_size == 1 or _rank() == 0:
         out.print(f"{result.final_dir}", highlight=False)

@@ -70,7 +70,9 @@ def build_engine(
     if model is not None:  # fine-tuning: the task's model, built (identically on every rank) by the caller
         model.train()
     elif train.init_from:
-        model, _ = load_model(train.init_from, PRETRAINING.name, new_head=True)
+        dropout = {k: getattr(cfg.model, k) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
+        model, _ = load_model(train.init_from, PRETRAINING.name, new_head=True,  # the folder's shape, our dropout
+                              attn_implementation=cfg.model.attn_implementation, **dropout)
         model.train()
     else:
         model = get_task(PRETRAINING.name).build_model(cfg.model)

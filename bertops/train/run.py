@@ -90,6 +90,47 @@ def _check_data(data_dir: str | Path, cfg: Config, what: str) -> dict:
     return manifest
 
 
+# What a checkpoint folder fixes when pretraining continues from it; the rest of `model` (dropout,
+# attention implementation) stays the config's.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id")
+
+
+def continued_config(cfg: Config, data_dir: str | Path) -> tuple[Config, str]:
+    """``train.init_from`` set: the config with the folder's architecture, and the run log's line about it.
+
+    Continued (domain- or task-adaptive) pretraining starts from a released encoder, so its shape is the
+    folder's, whatever the config's ``model`` section says (a fresh model's). The shards must come from
+    the folder's own tokenizer: the same ids mean the same word pieces, or the embeddings are read wrongly.
+    Heads the folder lacks (a sentence-transformers encoder has no MLM or NSP head) start fresh.
+    """
+    from bertops.checkpoint import describe_checkpoint, read_config, resolve_model_dir
+    from bertops.data.shards import read_manifest, tokenizer_hash
+    from bertops.tokenizer import load_tokenizer
+
+    if not cfg.train.init_from:
+        return cfg, ""
+    folder = resolve_model_dir(cfg.train.init_from)  # a folder, or a bundled model's name
+    found = read_config(folder)
+    model = dataclasses.replace(cfg.model, **{k: getattr(found, k) for k in ARCHITECTURE_FIELDS})
+    manifest = read_manifest(data_dir)
+    try:
+        own = tokenizer_hash(load_tokenizer(folder))
+    except BertopsError:
+        own = None  # a folder without tokenizer files: only plan_run's vocabulary-size check applies
+    if own is not None and own != manifest["tokenizer"]["hash"]:
+        raise BertopsError(
+            f"--data {data_dir} was tokenized with another tokenizer than train.init_from {folder}; "
+            f"re-run `bertops data prepare --tokenizer {folder}`"
+        )
+    heads = "its MLM and NSP heads" if PRETRAINING.name in describe_checkpoint(folder)["tasks"] else (
+        "fresh MLM and NSP heads (the folder has none)")
+    note = (f"continuing from {folder}: {model.num_hidden_layers} layers, hidden {model.hidden_size}, "
+            f"{model.num_attention_heads} heads, vocabulary {model.vocab_size} (its architecture, not the "
+            f"config's model section), {heads}")
+    return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, init_from=str(folder))), note
+
+
 def _parameter_count(cfg: Config) -> int:
     import torch
 
@@ -178,10 +219,11 @@ def pretrain(
     resume: str | None = None,
 ) -> PretrainResult:
     """Pretrain (MLM + NSP) on prepared shards; returns what happened (rank 0 holds the history)."""
+    cfg, init_note = continued_config(cfg, data_dir)
     plan = plan_run(cfg, data_dir, out_dir, ds_config_path, resume)
     saved_env = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     try:
-        return _run(cfg, plan, data_dir, resume)
+        return _run(cfg, plan, data_dir, resume, init_note)
     finally:
         if not plan.world.launched:  # a plain process set these for itself; leave the caller's env as it was
             for key, value in saved_env.items():
@@ -191,7 +233,7 @@ def pretrain(
                     os.environ[key] = value
 
 
-def _run(cfg: Config, plan: Plan, data_dir: str | Path, resume: str | None) -> PretrainResult:
+def _run(cfg: Config, plan: Plan, data_dir: str | Path, resume: str | None, init_note: str = "") -> PretrainResult:
     from bertops.data.pipeline import PretrainInput, eval_batches
     from bertops.train.convert import fp32_state_dict
     from bertops.train.engine import build_engine
@@ -216,6 +258,8 @@ def _run(cfg: Config, plan: Plan, data_dir: str | Path, resume: str | None) -> P
 
     say(plan.precision.reason)
     say(plan.ds_choice)
+    if init_note and not found.tag:
+        say(init_note)
     if world.device == "cpu":
         import torch
 
