@@ -393,6 +393,8 @@ def test_pretraining_continues_from_a_released_encoder(shards, minilm_dir, tmp_p
     from safetensors.torch import load_file
 
     from bertops.checkpoint import _normalise_keys
+    from bertops.data.corpus import write_bundled_corpus
+    from bertops.data.prepare import prepare
     from bertops.train import pretrain
 
     run = tmp_path / "run"
@@ -416,9 +418,6 @@ def test_pretraining_continues_from_a_released_encoder(shards, minilm_dir, tmp_p
     spec = json.loads((minilm_dir / "tokenizer.json").read_text())
     spec["normalizer"]["lowercase"] = False
     (cased / "tokenizer.json").write_text(json.dumps(spec))
-    from bertops.data.corpus import write_bundled_corpus
-    from bertops.data.prepare import prepare
-
     write_bundled_corpus(tmp_path / "corpus.txt")
     prepare([tmp_path / "corpus.txt"], cased, tmp_path / "cased-shards", seq_len=64, progress=False)
     proc = subprocess.run([bertops_cmd(), "pretrain", "-c", str(TINY_YAML), "--data", str(tmp_path / "cased-shards"),
