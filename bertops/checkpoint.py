@@ -148,8 +148,7 @@ def load_model(
     if attn_implementation:
         config_overrides["attn_implementation"] = attn_implementation
     cfg = read_config(path, **config_overrides)
-    with _damaged_weights(path):
-        state = _normalise_keys(load_file(str(Path(path) / "model.safetensors"), device="cpu"))
+    state = read_weights(path)
     missing_head = [k for k in spec.head_keys if k not in state]
     if missing_head and not new_head:
         raise BertopsError(
@@ -159,6 +158,12 @@ def load_model(
     model = spec.build_model(cfg)
     load_weights(model, state, path, lambda shape: f"config.json implies {shape}; the config and weights do not belong together")
     return model.eval(), cfg
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A folder's model.safetensors on the CPU, keys in bertops' naming (``bert.`` prefix on encoder keys)."""
+    with _damaged_weights(path):
+        return _normalise_keys(load_file(str(Path(path) / "model.safetensors"), device="cpu"))
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path, mismatch: Callable[[tuple], str]) -> None:

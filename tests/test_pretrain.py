@@ -392,7 +392,7 @@ def test_pretraining_continues_from_a_released_encoder(shards, minilm_dir, tmp_p
     model section says (tiny.yaml's here), fresh MLM/NSP heads; shards of another tokenizer are refused."""
     from safetensors.torch import load_file
 
-    from bertops.checkpoint import _normalise_keys
+    from bertops.checkpoint import read_weights
     from bertops.data.corpus import write_bundled_corpus
     from bertops.data.prepare import prepare
     from bertops.train import pretrain
@@ -406,7 +406,7 @@ def test_pretraining_continues_from_a_released_encoder(shards, minilm_dir, tmp_p
     assert "fresh MLM and NSP heads" in (run / "train.log").read_text()
     saved = json.loads((run / "final" / "config.json").read_text())
     assert (saved["hidden_size"], saved["num_hidden_layers"], saved["intermediate_size"]) == (384, 6, 1536)
-    start = _normalise_keys(load_file(str(minilm_dir / "model.safetensors")))
+    start = read_weights(minilm_dir)
     final = load_file(str(run / "final" / "model.safetensors"))
     moved = {k: float((final[k].float() - v.float()).abs().max()) for k, v in start.items() if k in final}
     assert len(moved) >= 100 and max(moved.values()) < 1e-4, max(moved.items(), key=lambda kv: kv[1])  # 2 steps at 1e-5

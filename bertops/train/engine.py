@@ -58,7 +58,7 @@ def build_engine(
     import deepspeed
     import torch
 
-    from bertops.checkpoint import TIED_KEYS, load_model
+    from bertops.checkpoint import TIED_KEYS, load_weights, read_weights
     from bertops.tasks import PRETRAINING, get_task
     from bertops.train.checkpoints import seed_everything
 
@@ -69,13 +69,11 @@ def build_engine(
     seed_everything(train.seed)  # the same initial weights on every rank
     if model is not None:  # fine-tuning: the task's model, built (identically on every rank) by the caller
         model.train()
-    elif train.init_from:
-        dropout = {k: getattr(cfg.model, k) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
-        model, _ = load_model(train.init_from, PRETRAINING.name, new_head=True,  # the folder's shape, our dropout
-                              attn_implementation=cfg.model.attn_implementation, **dropout)
-        model.train()
     else:
         model = get_task(PRETRAINING.name).build_model(cfg.model)
+        if train.init_from:  # continued pretraining: cfg.model already has the folder's shape (run.continued_config)
+            load_weights(model, read_weights(train.init_from), train.init_from,
+                         lambda shape: f"the model continued from it expects {shape}")
     if init_state is not None:
         result = model.load_state_dict(init_state, strict=False)
         missing = [k for k in result.missing_keys if k not in TIED_KEYS]
