@@ -91,14 +91,12 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop_children)
     signal.signal(signal.SIGINT, stop_children)
 
+    from tfidf_baseline import baseline, read, split_paths
+
     from bertops.checkpoint import resolve_model_dir
-    from bertops.data.datasets import fetch
     from bertops.data.prepare import prepare
 
-    if Path(args.data).is_dir():
-        paths = {s: Path(args.data) / f"{s}.jsonl" for s in ("train", "validation", "test")}
-    else:
-        paths = fetch(args.data)
+    paths = split_paths(args.data)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     length, epochs, batch, steps = (64, 1, 4, min(args.steps, 4)) if args.quick else (512, 6, 16, args.steps)
@@ -142,8 +140,6 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         runs = list(pool.map(finetune, args.seeds))
     pick = max(runs, key=lambda r: (r["validation_accuracy"], -r["validation_loss"]))
-
-    from tfidf_baseline import baseline, read
 
     tfidf = baseline({s: read(p, "text", "label") for s, p in paths.items()})
     summary = {

@@ -34,6 +34,15 @@ def read(path: Path, text_column: str, label_column: str) -> tuple[list[str], li
     return [r[text_column] for r in rows], [r[label_column] for r in rows]
 
 
+def split_paths(data: str) -> dict[str, Path]:
+    """A `bertops data fetch` name, or a folder with train.jsonl / validation.jsonl / test.jsonl -> their paths."""
+    if Path(data).is_dir():
+        return {s: Path(data) / f"{s}.jsonl" for s in ("train", "validation", "test")}
+    from bertops.data.datasets import fetch
+
+    return fetch(data)
+
+
 def model_view(texts: list[str], tokenizer: str, max_length: int) -> list[str]:
     """Each text cut after the last character of its last token at ``max_length`` tokens (the model's truncation)."""
     from bertops.checkpoint import resolve_model_dir
@@ -89,12 +98,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/tfidf_baseline.json"))
     args = ap.parse_args()
 
-    if Path(args.data).is_dir():
-        paths = {s: Path(args.data) / f"{s}.jsonl" for s in ("train", "validation", "test")}
-    else:
-        from bertops.data.datasets import fetch
-
-        paths = fetch(args.data)
+    paths = split_paths(args.data)
     raw = {s: read(p, args.text_column, args.label_column) for s, p in paths.items()}
     views = {"whole": raw}
     for n in args.max_seq_len:
