@@ -19,7 +19,8 @@ validation -- so the one test figure it reports is chosen by nothing but validat
     python bench/tapt.py --steps 0 --out runs/tapt-none       # the same fine-tunes from the shipped weights
     python bench/tapt.py --quick               # a few steps of everything, to check the pipeline on a CPU
 
-Every step resumes (``--resume auto``), so an interrupted run goes on where it stopped. Writes
+Every step resumes (``--resume auto``), so an interrupted run goes on where it stopped; SIGTERM or
+Ctrl-C lets the running pretraining or fine-tune save its current step first. Writes
 OUT/summary.json and prints it.
 """
 
@@ -46,11 +47,26 @@ def bertops() -> list[str]:
 CHILDREN: list[subprocess.Popen] = []
 
 
+def _running(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:  # reaped already
+        return False
+
+
 def stop_children(signum, _frame) -> None:
-    """SIGTERM / SIGINT: the bertops processes this started stop with it."""
-    for proc in CHILDREN:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)  # not Popen.wait here: the interrupted wait holds its lock
+    """SIGTERM / SIGINT: the bertops processes this started save their step and stop (at most 5 min), then this."""
+    import time
+
+    alive = [p.pid for p in CHILDREN if p.returncode is None]
+    for pid in alive:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 300
+    while alive and time.time() < deadline:  # os.waitpid, not Popen.wait: the interrupted wait holds Popen's lock
+        alive = [pid for pid in alive if _running(pid)]
+        time.sleep(0.2)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
     os._exit(128 + signum)
 
 

@@ -8,3 +8,6 @@ traceback.
 
 class BertopsError(Exception):
     """A user-facing error: the message names the problem and the fix."""
+
+    label = "error"  # the CLI's prefix
+    exit_code = 1

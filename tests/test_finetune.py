@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -540,7 +541,7 @@ def pretrained_final(tmp_path_factory, minilm_dir) -> Path:
 @pytest.mark.slow
 def test_two_ranks_under_the_launcher_resume_after_sigkill(pretrained_final, data, tmp_path):
     """2 CPU ranks (ZeRO-2, fp32) from a pretraining run's final/; SIGKILL, --resume auto: the same losses."""
-    from test_pretrain import bertops_cmd, clean_env, free_port
+    from test_pretrain import bertops_cmd, clean_env, free_port, rank_processes
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in head(data["bbc-news"]["train"], 128)))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in head(data["bbc-news"]["validation"], 32)))
@@ -602,6 +603,29 @@ def test_two_ranks_under_the_launcher_resume_after_sigkill(pretrained_final, dat
     for step in range(resumed + 1, 13):  # fp32 on CPU: the run goes on as if never stopped
         assert abs(again[step] - reference[step]) <= 1e-6, (step, again[step], reference[step])
     assert json.loads((cut / "final" / "best.json").read_text())["value"] == best["value"]
+
+    # Ctrl-C in the launcher's terminal (SIGINT to every process of the job): the ranks agree on one step and save it
+    ctrl_c = tmp_path / "ctrl-c"
+    proc = launch(ctrl_c, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not losses(ctrl_c):
+        assert proc.poll() is None, Path(f"{ctrl_c}.log").read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=90)
+    log = Path(f"{ctrl_c}.log").read_text(errors="replace")
+    stopped = int(re.search(r"stopped: SIGINT after step (\d+), checkpoint global_step\1 saved", log)[1])
+    assert log.count(f"stopped: SIGINT after step {stopped}, checkpoint") == 2, log[-3000:]  # both ranks, one step
+    assert stopped < 12 and len(list((ctrl_c / "checkpoints" / f"global_step{stopped}").glob("*optim_states.pt"))) == 2
+    deadline = time.time() + 35  # the launcher's own grace is 30 s; these ranks are past their last collective
+    while rank_processes(ctrl_c) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not rank_processes(ctrl_c)
+    finish(ctrl_c)
+    assert f"resumed from global_step{stopped}:" in (ctrl_c / "train.log").read_text()
+    again = losses(ctrl_c)
+    for step in range(stopped + 1, 13):
+        assert abs(again[step] - reference[step]) <= 1e-6, (step, again[step], reference[step])
 
     # final/ is HF layout: transformers' BertForSequenceClassification computes what bertops does
     import torch

@@ -95,7 +95,7 @@ def run_launch(*args, timeout: float = 240, **kwargs) -> Path:
 
 
 def rank_processes(out: Path) -> list[int]:
-    """pids of `bertops pretrain` processes writing to ``out`` (launcher ranks)."""
+    """pids of `bertops pretrain` / `bertops finetune` processes writing to ``out`` (launcher ranks)."""
     found = []
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == os.getpid():
@@ -106,7 +106,7 @@ def rank_processes(out: Path) -> list[int]:
         except OSError:
             continue
         is_rank = any(a.startswith("--local_rank=") for a in argv)  # not the runner or launch.py above them
-        if is_rank and "pretrain" in argv and str(out) in argv and state != "Z":
+        if is_rank and {"pretrain", "finetune"} & set(argv) and str(out) in argv and state != "Z":
             found.append(int(d))
     return found
 
@@ -362,6 +362,58 @@ def test_non_finite_loss_stops_with_one_line(shards, tmp_path):
         pretrain(cfg, shards, tmp_path / "run", str(ROOT / "ds_configs" / "zero2.json"))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_sigterm_saves_the_step_in_flight_and_resume_goes_on_as_if_never_stopped(shards, tmp_path):
+    """A scheduler's SIGTERM: the current step finishes and is saved, one line, exit 143, no final/."""
+    import re
+
+    from bertops.train import pretrain
+    from bertops.train.checkpoints import tags
+
+    common = ("train.max_steps=40", "train.save_every=1000", "train.precision=fp32", "train.eval_batches=0")
+    reference = {r["step"]: r["loss"] for r in pretrain(tiny(*common), shards, tmp_path / "whole", None).history}
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([bertops_cmd(), *pretrain_args(shards, cut, None, *common)], env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not rows(cut):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    found = re.fullmatch(r"stopped: SIGTERM after step (\d+), checkpoint global_step\1 saved: rerun the same command "
+                         r"with --resume auto to go on from it", err.strip().splitlines()[-1])
+    assert found, err[-2000:]
+    stopped = int(found[1])
+    assert 1 <= stopped < 40 and tags(cut / "checkpoints") == [f"global_step{stopped}"]  # not on the save schedule
+    assert sorted(rows(cut)) == list(range(1, stopped + 1)) and not (cut / "final").exists()
+
+    resumed = pretrain(tiny(*common), shards, cut, None, resume="auto")
+    assert resumed.resumed_from == f"global_step{stopped}" and resumed.optimizer_state == "restored"
+    assert sorted(rows(cut)) == list(range(1, 41))
+    for row in resumed.history:  # fp32 on CPU: bit for bit, give or take the process
+        assert abs(row["loss"] - reference[row["step"]]) <= 1e-6, row
+
+
+def test_stop_flag_takes_the_first_signal_and_yields_to_the_same_one_again():
+    """Real signals to this process: the first is only noted, another kind is ignored, the same again acts."""
+    from bertops.train.stop import StopFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # handlers run between bytecodes of the main thread
+        assert stop.signum == signal.SIGINT and stop.agreed("cpu") == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher passing Ctrl-C on: already stopping
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: Python's own handler, now
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_two_phase_schedule_switches_data_and_micro_batch(shards, minilm_dir, tmp_path):

@@ -17,15 +17,17 @@ out = Console()  # results
 
 
 def one_line_errors(fn):
-    """Turn a BertopsError into one red line on stderr and exit code 1; anything else is a bug and keeps its traceback."""
+    """Turn a BertopsError into one line on stderr and its exit code (1; a run stopped by a signal: 128 + the
+    signal); anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except BertopsError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            colour = "red" if exc.exit_code == 1 else "yellow"
+            console.print(f"[bold {colour}]{exc.label}:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper
 

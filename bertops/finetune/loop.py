@@ -142,12 +142,16 @@ def train(
     seed: int,
     log_every: int,
     checkpoint_due: Callable[[int], bool],
-    checkpoint: Callable[[int], dict | None],
+    checkpoint: Callable[[int, bool], dict | None],
     log: Callable[[dict], None],
     say: Callable[[str], None],
 ) -> LoopState:
-    """Optimizer steps ``state.step .. max_steps``; ``checkpoint(step)`` (evaluate + save) where ``checkpoint_due``."""
+    """Optimizer steps ``state.step .. max_steps``; ``checkpoint(step, True)`` (evaluate + save) where
+    ``checkpoint_due`` and at the end, ``checkpoint(step, False)`` (save only) before stopping on SIGTERM / SIGINT
+    (:class:`~bertops.train.stop.Interrupted`)."""
+    from bertops.train.checkpoints import tag_for
     from bertops.train.dist import all_reduce_sum
+    from bertops.train.stop import Interrupted, StopFlag
 
     order = ExampleOrder(len(examples), seed)
     device = engine.device
@@ -156,49 +160,55 @@ def train(
     stats = np.zeros(3)  # loss sum over micro-steps, micro-steps, real tokens
     norms: list[float] = []
     busy = 0.0  # training seconds since the last log row
-    while state.step < max_steps:
-        started = time.perf_counter()
-        base = state.step * global_batch
-        engine.ds.train()
-        norm = None
-        for a in range(accum):
-            rows = order.indices(base + (a * world_size + rank) * micro_batch, micro_batch)
-            batch = _to(task.collate([examples[i] for i in rows], ctx), device)
-            outputs = engine.ds(**{k: batch[k] for k in MODEL_INPUTS})
-            loss = task.loss(outputs, batch)
-            engine.ds.backward(loss)
-            if a == accum - 1 and fp32_stage0:
-                norm = _grad_norm_fp32(engine)
-            engine.ds.step()
-            stats += (float(loss.detach()), 1, float(batch["attention_mask"].sum()))
-        if not fp32_stage0:
-            norm = engine.ds.get_global_grad_norm()
-        if norm is not None:
-            norms.append(float(norm))
-        state.step += 1
-        spent = time.perf_counter() - started
-        state.train_seconds += spent
-        busy += spent
-        last = state.step == max_steps
-        if state.step % log_every == 0 or last:
-            loss_sum, micro, tokens = all_reduce_sum(list(stats))
-            row = {
-                "step": state.step,
-                "epoch": round(state.step * global_batch / len(examples), 3),
-                "loss": loss_sum / max(micro, 1),
-                "lr": engine.ds.get_lr()[0],
-                "grad_norm": sum(norms) / len(norms) if norms else None,
-                "tokens_per_s": tokens / busy if busy > 0 else None,
-            }
-            log(row)
-            state.history.append(row)
-            say(f"step {row['step']:>5}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                f"{row['tokens_per_s'] or 0:,.0f} tok/s")
-            stats[:] = 0
-            norms.clear()
-            busy = 0.0
-        if checkpoint_due(state.step) or last:
-            row = checkpoint(state.step)
-            if row:
-                state.evals.append(row)
+    with StopFlag() as stop:  # a signal ends the run after the current step, saved (bertops.train.stop)
+        while state.step < max_steps:
+            started = time.perf_counter()
+            base = state.step * global_batch
+            engine.ds.train()
+            norm = None
+            for a in range(accum):
+                rows = order.indices(base + (a * world_size + rank) * micro_batch, micro_batch)
+                batch = _to(task.collate([examples[i] for i in rows], ctx), device)
+                outputs = engine.ds(**{k: batch[k] for k in MODEL_INPUTS})
+                loss = task.loss(outputs, batch)
+                engine.ds.backward(loss)
+                if a == accum - 1 and fp32_stage0:
+                    norm = _grad_norm_fp32(engine)
+                engine.ds.step()
+                stats += (float(loss.detach()), 1, float(batch["attention_mask"].sum()))
+            if not fp32_stage0:
+                norm = engine.ds.get_global_grad_norm()
+            if norm is not None:
+                norms.append(float(norm))
+            state.step += 1
+            spent = time.perf_counter() - started
+            state.train_seconds += spent
+            busy += spent
+            last = state.step == max_steps
+            if state.step % log_every == 0 or last:
+                loss_sum, micro, tokens = all_reduce_sum(list(stats))
+                row = {
+                    "step": state.step,
+                    "epoch": round(state.step * global_batch / len(examples), 3),
+                    "loss": loss_sum / max(micro, 1),
+                    "lr": engine.ds.get_lr()[0],
+                    "grad_norm": sum(norms) / len(norms) if norms else None,
+                    "tokens_per_s": tokens / busy if busy > 0 else None,
+                }
+                log(row)
+                state.history.append(row)
+                say(f"step {row['step']:>5}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                    f"{row['tokens_per_s'] or 0:,.0f} tok/s")
+                stats[:] = 0
+                norms.clear()
+                busy = 0.0
+            signum = 0 if last else stop.agreed(device)  # SIGTERM / SIGINT on any rank: save this step, then stop
+            if checkpoint_due(state.step) or last:
+                row = checkpoint(state.step, True)
+                if row:
+                    state.evals.append(row)
+            elif signum:
+                checkpoint(state.step, False)  # saved, not evaluated: the schedule's evaluations stay where they were
+            if signum:
+                raise Interrupted(signum, state.step, tag_for(state.step))
     return state

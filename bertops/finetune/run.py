@@ -245,10 +245,10 @@ def finetune(
     model_meta = json.loads(json.dumps(dataclasses.asdict(model_cfg)))  # as pretraining writes it (checkpoint convert)
     eval_batch = t.micro_batch_size
 
-    def checkpoint(step: int) -> dict | None:
+    def checkpoint(step: int, scored: bool) -> dict | None:
         nonlocal best
         row, improved = None, False
-        if eval_examples:
+        if eval_examples and scored:
             engine.ds.eval()
             scores = evaluate(engine.ds, spec, eval_examples, ctx, eval_batch, engine.device, world.rank,
                               world.world_size)

@@ -118,8 +118,14 @@ def _alive(pid: int) -> bool:
     return bool(fields) and fields[0] not in ("Z", "X")  # a killed, unreaped runner is a zombie
 
 
+GRACE_S = 30  # what DeepSpeed's launch.py itself gives its ranks between SIGTERM and SIGKILL
+
+
 def watch_launcher(interval: float = 1.0) -> None:
-    """Terminate this rank when its launcher (parent) or the ``deepspeed`` runner above it is gone."""
+    """Terminate this rank when its launcher (parent) or the ``deepspeed`` runner above it is gone.
+
+    SIGTERM first, which lets a training loop save its current step (bertops.train.stop); the rank
+    exits at the latest GRACE_S seconds later (a peer gone mid-collective would block it forever)."""
     parent = os.getppid()
     grand = _parent_of(parent)
     try:
@@ -133,7 +139,7 @@ def watch_launcher(interval: float = 1.0) -> None:
             time.sleep(interval)
             if os.getppid() != parent or (watched_grand and not _alive(grand)):
                 os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(5)
+                time.sleep(GRACE_S)
                 os._exit(143)
 
     threading.Thread(target=watch, name="bertops-launcher-watch", daemon=True).start()

@@ -17,8 +17,10 @@ import torch
 from bertops.config import Config
 from bertops.errors import BertopsError
 from bertops.tasks import PRETRAINING, get_task
+from bertops.train.checkpoints import tag_for
 from bertops.train.engine import Engine, set_micro_batch
 from bertops.train.metrics import MetricsLog
+from bertops.train.stop import Interrupted, StopFlag
 
 STATS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count", "tokens", "micro")
 
@@ -104,7 +106,8 @@ def train(
     eval_batches: Callable[[], Iterator[dict]] | None,
     say: Callable[[str], None],
 ) -> LoopState:
-    """Run optimizer steps ``state.step .. max_steps``; ``save(step, position, phase)`` on schedule and at the end."""
+    """Run optimizer steps ``state.step .. max_steps``; ``save(step, position, phase)`` on schedule, at the end, and
+    before stopping on SIGTERM / SIGINT (:class:`~bertops.train.stop.Interrupted`)."""
     t = cfg.train
     task = get_task(PRETRAINING.name)
     device = engine.device
@@ -122,73 +125,77 @@ def train(
         state.evals.append(row)
         say(f"step      0  eval mlm {row['eval_mlm_loss']:.4f}  nsp_acc {row['eval_nsp_accuracy']:.3f}")
     tick, paused = time.perf_counter(), 0.0  # paused: eval / checkpoint time inside the log interval
-    while state.step < t.max_steps:
-        nxt = next((p for p in phases if p.start_step == state.step and p.number != phase.number), None)
-        if nxt is not None:
-            phase, state.position, state.phase = nxt, 0, nxt.number
-            set_micro_batch(engine, phase.micro_batch_size, G)
-            batches = phase.make_input(0)
-            say(f"step {state.step}: phase {phase.number} (micro batch {phase.micro_batch_size})")
-        accum = engine.ds.gradient_accumulation_steps()
-        lr = engine.ds.get_lr()[0]  # the rate this step applies (the scheduler moves on after it)
-        for a in range(accum):
-            batch = _to_device(next(batches), device)
-            outputs = engine.ds(**batch)
-            loss = task.loss(outputs, batch)
-            engine.ds.backward(loss)
-            if a == accum - 1 and fp32_stage0:
-                norm = _grad_norm_fp32(engine)
-            engine.ds.step()
-            with torch.no_grad():
-                m = task.metrics(outputs, batch)
-                stats += torch.stack([
-                    loss.detach().float(), m["mlm_loss"], m["nsp_loss"],
-                    m["mlm_accuracy"] * m["mlm_count"], m["mlm_count"],
-                    m["nsp_accuracy"] * m["nsp_count"], m["nsp_count"],
-                    batch["attention_mask"].sum().float(), torch.ones((), device=device),
-                ]).double()
-        if not fp32_stage0:
-            norm = engine.ds.get_global_grad_norm()
-        if norm is not None:
-            norms.append(float(norm))
-        state.step += 1
-        state.position += G
-        last = state.step == t.max_steps
-        if state.step % t.log_every == 0 or last:
-            values = dict(zip(STATS, _reduce(stats.clone())))
-            _check_finite(values["loss"], state.step, lr)
-            elapsed = time.perf_counter() - tick - paused
-            n = max(values["micro"], 1)
-            row = {
-                "step": state.step,
-                "loss": values["loss"] / n,
-                "mlm_loss": values["mlm_loss"] / n,
-                "nsp_loss": values["nsp_loss"] / n,
-                "mlm_accuracy": values["mlm_correct"] / max(values["mlm_count"], 1),
-                "nsp_accuracy": values["nsp_correct"] / max(values["nsp_count"], 1),
-                "lr": lr,
-                "grad_norm": sum(norms) / len(norms) if norms else None,
-                "tokens_per_s": values["tokens"] / elapsed if elapsed > 0 else None,
-            }
-            metrics.write(row)
-            state.history.append(row)
-            say(
-                f"step {row['step']:>6}  loss {row['loss']:.4f}  mlm {row['mlm_loss']:.4f}  nsp {row['nsp_loss']:.4f}  "
-                f"mlm_acc {row['mlm_accuracy']:.3f}  nsp_acc {row['nsp_accuracy']:.3f}  lr {row['lr']:.2e}  "
-                f"{row['tokens_per_s'] or 0:,.0f} tok/s"
-            )
-            stats.zero_()
-            norms.clear()
-            tick, paused = time.perf_counter(), 0.0
-        pause_start = time.perf_counter()
-        if eval_batches is not None and ((t.eval_every and state.step % t.eval_every == 0) or last):
-            row = {"step": state.step, **evaluate(engine, eval_batches)}
-            metrics.write(row)
-            state.evals.append(row)
-            say(f"step {row['step']:>6}  eval mlm {row['eval_mlm_loss']:.4f}  nsp_acc {row['eval_nsp_accuracy']:.3f}")
-        if state.step % t.save_every == 0 or last:
-            if stats[8] > 0:  # steps since the last log row: never save weights a NaN loss has touched
-                _check_finite(_reduce(stats[:1].clone())[0], state.step, lr)
-            save(state.step, state.position, phase.number)
-        paused += time.perf_counter() - pause_start  # throughput counts training time only
+    with StopFlag() as stop:  # a signal ends the run after the current step, saved (bertops.train.stop)
+        while state.step < t.max_steps:
+            nxt = next((p for p in phases if p.start_step == state.step and p.number != phase.number), None)
+            if nxt is not None:
+                phase, state.position, state.phase = nxt, 0, nxt.number
+                set_micro_batch(engine, phase.micro_batch_size, G)
+                batches = phase.make_input(0)
+                say(f"step {state.step}: phase {phase.number} (micro batch {phase.micro_batch_size})")
+            accum = engine.ds.gradient_accumulation_steps()
+            lr = engine.ds.get_lr()[0]  # the rate this step applies (the scheduler moves on after it)
+            for a in range(accum):
+                batch = _to_device(next(batches), device)
+                outputs = engine.ds(**batch)
+                loss = task.loss(outputs, batch)
+                engine.ds.backward(loss)
+                if a == accum - 1 and fp32_stage0:
+                    norm = _grad_norm_fp32(engine)
+                engine.ds.step()
+                with torch.no_grad():
+                    m = task.metrics(outputs, batch)
+                    stats += torch.stack([
+                        loss.detach().float(), m["mlm_loss"], m["nsp_loss"],
+                        m["mlm_accuracy"] * m["mlm_count"], m["mlm_count"],
+                        m["nsp_accuracy"] * m["nsp_count"], m["nsp_count"],
+                        batch["attention_mask"].sum().float(), torch.ones((), device=device),
+                    ]).double()
+            if not fp32_stage0:
+                norm = engine.ds.get_global_grad_norm()
+            if norm is not None:
+                norms.append(float(norm))
+            state.step += 1
+            state.position += G
+            last = state.step == t.max_steps
+            if state.step % t.log_every == 0 or last:
+                values = dict(zip(STATS, _reduce(stats.clone())))
+                _check_finite(values["loss"], state.step, lr)
+                elapsed = time.perf_counter() - tick - paused
+                n = max(values["micro"], 1)
+                row = {
+                    "step": state.step,
+                    "loss": values["loss"] / n,
+                    "mlm_loss": values["mlm_loss"] / n,
+                    "nsp_loss": values["nsp_loss"] / n,
+                    "mlm_accuracy": values["mlm_correct"] / max(values["mlm_count"], 1),
+                    "nsp_accuracy": values["nsp_correct"] / max(values["nsp_count"], 1),
+                    "lr": lr,
+                    "grad_norm": sum(norms) / len(norms) if norms else None,
+                    "tokens_per_s": values["tokens"] / elapsed if elapsed > 0 else None,
+                }
+                metrics.write(row)
+                state.history.append(row)
+                say(
+                    f"step {row['step']:>6}  loss {row['loss']:.4f}  mlm {row['mlm_loss']:.4f}  nsp {row['nsp_loss']:.4f}  "
+                    f"mlm_acc {row['mlm_accuracy']:.3f}  nsp_acc {row['nsp_accuracy']:.3f}  lr {row['lr']:.2e}  "
+                    f"{row['tokens_per_s'] or 0:,.0f} tok/s"
+                )
+                stats.zero_()
+                norms.clear()
+                tick, paused = time.perf_counter(), 0.0
+            pause_start = time.perf_counter()
+            if eval_batches is not None and ((t.eval_every and state.step % t.eval_every == 0) or last):
+                row = {"step": state.step, **evaluate(engine, eval_batches)}
+                metrics.write(row)
+                state.evals.append(row)
+                say(f"step {row['step']:>6}  eval mlm {row['eval_mlm_loss']:.4f}  nsp_acc {row['eval_nsp_accuracy']:.3f}")
+            signum = 0 if last else stop.agreed(device)  # SIGTERM / SIGINT on any rank: save this step, then stop
+            if state.step % t.save_every == 0 or last or signum:
+                if stats[8] > 0:  # steps since the last log row: never save weights a NaN loss has touched
+                    _check_finite(_reduce(stats[:1].clone())[0], state.step, lr)
+                save(state.step, state.position, phase.number)
+            if signum:
+                raise Interrupted(signum, state.step, tag_for(state.step))
+            paused += time.perf_counter() - pause_start  # throughput counts training time only
     return state
