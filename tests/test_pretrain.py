@@ -416,6 +416,18 @@ def test_stop_flag_takes_the_first_signal_and_yields_to_the_same_one_again():
     assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_step_lines_say_the_time_left_at_this_process_pace(monkeypatch):
+    from bertops.train import metrics
+
+    clock = iter([100.0, 130.0, 100.0 + 3 * 3600])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    pace = metrics.Pace(10, 1000)  # resumed at step 10: its pace counts from there
+    assert pace.eta(10) == ""
+    assert pace.eta(13) == "  eta 2h44m"  # 10 s a step, 987 left
+    assert pace.eta(998) == "  eta 22s"  # 3 h for 988 steps, 2 left
+    assert pace.eta(1000) == ""
+
+
 def test_two_phase_schedule_switches_data_and_micro_batch(shards, minilm_dir, tmp_path):
     from bertops.data.corpus import write_bundled_corpus
     from bertops.data.prepare import prepare

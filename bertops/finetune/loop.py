@@ -151,6 +151,7 @@ def train(
     (:class:`~bertops.train.stop.Interrupted`)."""
     from bertops.train.checkpoints import tag_for
     from bertops.train.dist import all_reduce_sum
+    from bertops.train.metrics import Pace
     from bertops.train.stop import Interrupted, StopFlag
 
     order = ExampleOrder(len(examples), seed)
@@ -160,6 +161,7 @@ def train(
     stats = np.zeros(3)  # loss sum over micro-steps, micro-steps, real tokens
     norms: list[float] = []
     busy = 0.0  # training seconds since the last log row
+    pace = Pace(state.step, max_steps)
     with StopFlag() as stop:  # a signal ends the run after the current step, saved (bertops.train.stop)
         while state.step < max_steps:
             started = time.perf_counter()
@@ -198,7 +200,7 @@ def train(
                 log(row)
                 state.history.append(row)
                 say(f"step {row['step']:>5}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                    f"{row['tokens_per_s'] or 0:,.0f} tok/s")
+                    f"{row['tokens_per_s'] or 0:,.0f} tok/s{pace.eta(state.step)}")
                 stats[:] = 0
                 norms.clear()
                 busy = 0.0

@@ -19,7 +19,7 @@ from bertops.errors import BertopsError
 from bertops.tasks import PRETRAINING, get_task
 from bertops.train.checkpoints import tag_for
 from bertops.train.engine import Engine, set_micro_batch
-from bertops.train.metrics import MetricsLog
+from bertops.train.metrics import MetricsLog, Pace
 from bertops.train.stop import Interrupted, StopFlag
 
 STATS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count", "tokens", "micro")
@@ -125,6 +125,7 @@ def train(
         state.evals.append(row)
         say(f"step      0  eval mlm {row['eval_mlm_loss']:.4f}  nsp_acc {row['eval_nsp_accuracy']:.3f}")
     tick, paused = time.perf_counter(), 0.0  # paused: eval / checkpoint time inside the log interval
+    pace = Pace(state.step, t.max_steps)
     with StopFlag() as stop:  # a signal ends the run after the current step, saved (bertops.train.stop)
         while state.step < t.max_steps:
             nxt = next((p for p in phases if p.start_step == state.step and p.number != phase.number), None)
@@ -179,7 +180,7 @@ def train(
                 say(
                     f"step {row['step']:>6}  loss {row['loss']:.4f}  mlm {row['mlm_loss']:.4f}  nsp {row['nsp_loss']:.4f}  "
                     f"mlm_acc {row['mlm_accuracy']:.3f}  nsp_acc {row['nsp_accuracy']:.3f}  lr {row['lr']:.2e}  "
-                    f"{row['tokens_per_s'] or 0:,.0f} tok/s"
+                    f"{row['tokens_per_s'] or 0:,.0f} tok/s{pace.eta(state.step)}"
                 )
                 stats.zero_()
                 norms.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from bertops.errors import BertopsError
@@ -20,6 +21,22 @@ CURVES_FILE = "curves.png"
 TB_DIR = "tensorboard"
 TRAIN_KEYS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "lr", "grad_norm", "tokens_per_s")
 EVAL_KEYS = ("eval_mlm_loss", "eval_nsp_loss", "eval_mlm_accuracy", "eval_nsp_accuracy")
+
+
+class Pace:
+    """Time left at this process's own pace (evaluations and checkpoints included), for the run log's step lines."""
+
+    def __init__(self, step: int, max_steps: int):
+        self.began, self.first, self.max_steps = time.perf_counter(), step, max_steps
+
+    def eta(self, step: int) -> str:
+        """``"  eta 2h05m"`` (``""`` before the first step or after the last)."""
+        done, left = step - self.first, self.max_steps - step
+        if done <= 0 or left <= 0:
+            return ""
+        seconds = round((time.perf_counter() - self.began) / done * left)
+        h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+        return f"  eta {h}h{m:02d}m" if h else f"  eta {m}m{s:02d}s" if m else f"  eta {s}s"
 
 
 class MetricsLog:
