@@ -27,12 +27,14 @@ OUT/summary.json and prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,6 +47,8 @@ def bertops() -> list[str]:
 
 
 CHILDREN: list[subprocess.Popen] = []
+LOCK = threading.RLock()  # CHILDREN and STOPPING: fine-tune threads vs the signal handler (main thread, re-entrant)
+STOPPING = False
 
 
 def _running(pid: int) -> bool:
@@ -55,26 +59,37 @@ def _running(pid: int) -> bool:
 
 
 def stop_children(signum, _frame) -> None:
-    """SIGTERM / SIGINT: the bertops processes this started save their step and stop (at most 5 min), then this."""
+    """SIGTERM / SIGINT: no new bertops process starts; the running ones save their step and stop (at most 5 min).
+
+    They get SIGTERM: after Ctrl-C, which reaches them as SIGINT too, another kind of signal (bertops.train.stop
+    lets the same kind twice stop at once, as a second Ctrl-C or a second SIGTERM to this does)."""
+    global STOPPING
     import time
 
-    alive = [p.pid for p in CHILDREN if p.returncode is None]
+    with LOCK:
+        STOPPING = True
+        alive = [p.pid for p in CHILDREN if _running(p.pid)]
     for pid in alive:
-        os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.time() + 300
     while alive and time.time() < deadline:  # os.waitpid, not Popen.wait: the interrupted wait holds Popen's lock
         alive = [pid for pid in alive if _running(pid)]
         time.sleep(0.2)
     for pid in alive:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     os._exit(128 + signum)
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
-    with log.open("ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    with LOCK:
+        if STOPPING:
+            sys.exit("stopping")
+        with log.open("ab") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         CHILDREN.append(proc)
-        rc = proc.wait()
+    rc = proc.wait()
     if rc:
         sys.exit(f"{' '.join(cmd[:3])} ... failed (exit {rc}); see {log}")
 

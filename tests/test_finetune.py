@@ -612,15 +612,17 @@ def test_two_ranks_under_the_launcher_resume_after_sigkill(pretrained_final, dat
         assert proc.poll() is None, Path(f"{ctrl_c}.log").read_text(errors="replace")[-3000:]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=90)
-    log = Path(f"{ctrl_c}.log").read_text(errors="replace")
-    stopped = int(re.search(r"stopped: SIGINT after step (\d+), checkpoint global_step\1 saved", log)[1])
-    assert log.count(f"stopped: SIGINT after step {stopped}, checkpoint") == 2, log[-3000:]  # both ranks, one step
-    assert stopped < 12 and len(list((ctrl_c / "checkpoints" / f"global_step{stopped}").glob("*optim_states.pt"))) == 2
-    deadline = time.time() + 35  # the launcher's own grace is 30 s; these ranks are past their last collective
+    proc.wait(timeout=90)  # the runner leaves at once; its ranks finish the step and save
+    deadline = time.time() + 35  # within the launcher's own grace of 30 s
     while rank_processes(ctrl_c) and time.time() < deadline:
         time.sleep(0.2)
     assert not rank_processes(ctrl_c)
+    log = Path(f"{ctrl_c}.log").read_text(errors="replace")
+    found = re.search(r"stopped: SIGINT after step (\d+), checkpoint global_step\1 saved", log)
+    assert found, log[-3000:]
+    stopped = int(found[1])
+    assert log.count(f"stopped: SIGINT after step {stopped}, checkpoint") == 2, log[-3000:]  # both ranks, one step
+    assert stopped < 12 and len(list((ctrl_c / "checkpoints" / f"global_step{stopped}").glob("*optim_states.pt"))) == 2
     finish(ctrl_c)
     assert f"resumed from global_step{stopped}:" in (ctrl_c / "train.log").read_text()
     again = losses(ctrl_c)

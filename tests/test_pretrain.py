@@ -385,7 +385,7 @@ def test_sigterm_saves_the_step_in_flight_and_resume_goes_on_as_if_never_stopped
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err
     found = re.fullmatch(r"stopped: SIGTERM after step (\d+), checkpoint global_step\1 saved: rerun the same command "
-                         r"with --resume auto to go on from it", err.strip().splitlines()[-1])
+                         r"with --resume auto \(Python: resume=\"auto\"\) to go on from it", err.strip().splitlines()[-1])
     assert found, err[-2000:]
     stopped = int(found[1])
     assert 1 <= stopped < 40 and tags(cut / "checkpoints") == [f"global_step{stopped}"]  # not on the save schedule

@@ -204,7 +204,7 @@ def train(
                 stats[:] = 0
                 norms.clear()
                 busy = 0.0
-            signum = 0 if last else stop.agreed(device)  # SIGTERM / SIGINT on any rank: save this step, then stop
+            signum = stop.agreed(device)  # SIGTERM / SIGINT on any rank: save this step, then stop
             if checkpoint_due(state.step) or last:
                 row = checkpoint(state.step, True)
                 if row:

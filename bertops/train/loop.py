@@ -191,7 +191,7 @@ def train(
                 metrics.write(row)
                 state.evals.append(row)
                 say(f"step {row['step']:>6}  eval mlm {row['eval_mlm_loss']:.4f}  nsp_acc {row['eval_nsp_accuracy']:.3f}")
-            signum = 0 if last else stop.agreed(device)  # SIGTERM / SIGINT on any rank: save this step, then stop
+            signum = stop.agreed(device)  # SIGTERM / SIGINT on any rank: save this step, then stop
             if state.step % t.save_every == 0 or last or signum:
                 if stats[8] > 0:  # steps since the last log row: never save weights a NaN loss has touched
                     _check_finite(_reduce(stats[:1].clone())[0], state.step, lr)

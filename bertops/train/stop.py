@@ -12,7 +12,9 @@ since Ctrl-C under the ``deepspeed`` launcher reaches every rank as SIGINT and t
 launcher, as SIGTERM (it waits 30 s before SIGKILL).
 
 Handlers can only be installed from the main thread; elsewhere (a training call in a worker
-thread) signals keep their usual effect.
+thread) signals keep their usual effect. Python runs handlers between bytecodes, so a rank blocked in
+a C call (a collective whose peer is gone) only notices a second signal when the call returns; under
+the launcher such a rank is killed 30 s later (launch.py, and bertops.train.dist.watch_launcher).
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ class Interrupted(BertopsError):
 
     def __init__(self, signum: int, step: int, tag: str):
         super().__init__(f"{signal.Signals(signum).name} after step {step}, checkpoint {tag} saved: rerun the same "
-                         "command with --resume auto to go on from it")
-        self.exit_code = 128 + signum
+                         'command with --resume auto (Python: resume="auto") to go on from it')
+        self.signum, self.step, self.tag, self.exit_code = signum, step, tag, 128 + signum
+
+    def __reduce__(self):
+        return Interrupted, (self.signum, self.step, self.tag)
 
 
 class StopFlag:
@@ -51,7 +56,8 @@ class StopFlag:
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+                previous = signal.signal(s, self._handle)
+                self._previous[s] = signal.SIG_DFL if previous is None else previous  # None: set from C
         return self
 
     def __exit__(self, *exc) -> None:
