@@ -77,6 +77,27 @@ def test_mlm_loss_sparse_equals_full_logits():
     torch.testing.assert_close(sparse["logits"], full_logits[labels != -100])
 
 
+def test_gathered_rows_come_in_a_few_shapes_chosen_rows_first():
+    """Training gathers a varying number of rows (real tokens, masked positions); rounded to 64 they keep a few
+    shapes, so CPU kernels cached per shape are reused instead of piling up (BertEncoder, masked_lm)."""
+    from bertops.model import rows_to_multiple
+
+    torch.manual_seed(0)
+    shapes = set()
+    for _ in range(50):
+        chosen = torch.rand(16 * 128) < 0.15
+        rows, n = rows_to_multiple(chosen)
+        assert n == int(chosen.sum()) and rows.numel() % 64 == 0 and rows.numel() - n < 64
+        assert torch.equal(rows[:n], chosen.nonzero().squeeze(1))  # the chosen rows, in order
+        assert not chosen[rows[n:]].any() and rows.unique().numel() == rows.numel()  # then distinct others
+        shapes.add(rows.numel())
+    assert len(shapes) <= 4  # ~307 of 2048 +- 16: 50 counts, a few multiples of 64
+    rows, n = rows_to_multiple(torch.ones(100, dtype=torch.bool))
+    assert n == rows.numel() == 100  # never more rows than there are
+    rows, n = rows_to_multiple(torch.arange(256) % 2 == 0)
+    assert n == rows.numel() == 128  # a multiple already: nothing added
+
+
 @pytest.mark.parametrize("task,checkpointing", [("pretraining", False), ("pretraining", True),
                                                  ("token-classification", False), ("sequence-classification", False)])
 def test_unpadded_training_equals_padded(task, checkpointing):
