@@ -26,21 +26,25 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-ROW_MULTIPLE = 64
+def row_multiple(n: int) -> int:
+    """What a count of ``n`` gathered rows is rounded up to a multiple of: 64, or 1/16 of n's power of two
+    (at most 16 shapes per doubling, at most ~6% extra rows)."""
+    return max(64, 1 << max(0, n.bit_length() - 5))
 
 
-def rows_to_multiple(chosen: torch.Tensor, multiple: int = ROW_MULTIPLE) -> tuple[torch.Tensor, int]:
-    """Indices of the chosen rows (flat bool mask (R,)), followed by unchosen ones up to a multiple of ``multiple``.
+def rows_to_multiple(chosen: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Indices of the chosen rows (flat bool mask (R,)), followed by unchosen ones up to :func:`row_multiple`.
 
     Returns (indices (N',), N): the first N are the chosen rows in order. Training gathers rows whose
     count changes with every batch (real tokens, masked positions); on CPUs oneDNN caches a kernel,
     with its buffers, per matrix shape, so a new count per step grew a pretraining process by ~0.2 GB
-    a step until the machine ran out of memory. Rounding the count keeps a handful of shapes, whose
-    kernels are reused (a cache sized down instead ran 2x slower). The extra rows are positions the
-    loss ignores, and their outputs are dropped.
+    a step until the machine ran out of memory. Rounding the count keeps a few shapes, whose kernels
+    are reused (a cache sized down instead ran 2x slower). The extra rows are positions the loss
+    ignores, and their outputs are dropped.
     """
     picked = chosen.nonzero().squeeze(1)
     n = picked.numel()
+    multiple = row_multiple(n)
     extra = min(-(-n // multiple) * multiple, chosen.numel()) - n
     if extra:
         picked = torch.cat([picked, (~chosen).nonzero().squeeze(1)[:extra]])
@@ -206,7 +210,7 @@ class BertEncoder(nn.Module):
 
     Unpadded training: while autograd records on the CPU, every layer's
     projections, feed-forward, LayerNorms and dropouts run on the N real tokens alone (as MosaicBERT
-    does; plus up to 63 padding rows, so that N keeps a few shapes: :func:`rows_to_multiple`); only
+    does; plus a few padding rows, so that N keeps a few shapes: :func:`rows_to_multiple`); only
     the attention scores use the padded (B, T) layout. Real tokens get the same values
     and gradients as the padded computation (nothing reads padded positions: the attention bias
     masks them as keys, the heads read real or [CLS] positions); padded positions come back as zeros.

@@ -78,8 +78,8 @@ def test_mlm_loss_sparse_equals_full_logits():
 
 
 def test_gathered_rows_come_in_a_few_shapes_chosen_rows_first():
-    """Training gathers a varying number of rows (real tokens, masked positions); rounded to 64 they keep a few
-    shapes, so CPU kernels cached per shape are reused instead of piling up (BertEncoder, masked_lm)."""
+    """Training gathers a varying number of rows (real tokens, masked positions); rounded up (to 64, or 1/16 of
+    their power of two) they keep a few shapes, so CPU kernels cached per shape are reused instead of piling up."""
     from bertops.model import rows_to_multiple
 
     torch.manual_seed(0)
@@ -92,6 +92,10 @@ def test_gathered_rows_come_in_a_few_shapes_chosen_rows_first():
         assert not chosen[rows[n:]].any() and rows.unique().numel() == rows.numel()  # then distinct others
         shapes.add(rows.numel())
     assert len(shapes) <= 4  # ~307 of 2048 +- 16: 50 counts, a few multiples of 64
+    big = torch.ones(64 * 512, dtype=torch.bool)
+    big[torch.randperm(big.numel())[:2768]] = False  # 30,000 real tokens of 64 x 512
+    rows, n = rows_to_multiple(big)
+    assert n == 30000 and rows.numel() == 30720  # a multiple of 1,024: 2.4% extra
     rows, n = rows_to_multiple(torch.ones(100, dtype=torch.bool))
     assert n == rows.numel() == 100  # never more rows than there are
     rows, n = rows_to_multiple(torch.arange(256) % 2 == 0)
