@@ -1,8 +1,8 @@
 """The ``bertops`` command line: one module per command group, joined here; each parses options and calls the library.
 
 Every command is wrapped by :func:`bertops.cli._common.one_line_errors`: a BertopsError becomes one
-line on stderr and exit code 1 (a training run stopped by a signal: 128 + the signal). Heavy modules (torch, onnxruntime, deepspeed) are imported inside the
-commands, so ``bertops --help`` stays fast.
+line on stderr and exit code 1 (a training run stopped by a signal: 128 + the signal). Heavy modules
+(torch, onnxruntime, deepspeed) are imported inside the commands, so ``bertops --help`` stays fast.
 """
 
 from __future__ import annotations
