@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +20,19 @@ TINY_MODEL = load_config(next(p for p in packaged_configs() if p.name == "tiny.y
 def pytest_configure(config):
     # Tests that start real servers or processes; deselect with `-m "not slow"`.
     config.addinivalue_line("markers", "slow: starts real processes (tritonserver, perf_analyzer, deepspeed)")
+
+
+# The suite's temporary folders peak near 2.7 GB (checkpoints with optimizer state, exports, Triton
+# repositories); passed tests' folders are removed as they finish (pyproject's tmp_path_retention_policy).
+DISK_NEEDED_GB = 4
+
+
+def pytest_report_header(config):
+    """Say the free disk up front: a full disk otherwise shows up as scattered 'No space left' errors."""
+    root = tempfile.gettempdir()
+    free_gb = shutil.disk_usage(root).free / 2**30
+    line = f"disk: {free_gb:.1f} GB free under {root} (the suite needs about {DISK_NEEDED_GB} GB)"
+    return line if free_gb >= DISK_NEEDED_GB else f"WARNING {line}: free some space or set TMPDIR to a larger disk"
 
 
 # /dev/shm files that bertops' processes create: DeepSpeed's CPU allreduce workspaces and the Triton
