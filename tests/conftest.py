@@ -27,12 +27,24 @@ def pytest_configure(config):
 DISK_NEEDED_GB = 4
 
 
-def pytest_report_header(config):
-    """Say the free disk up front: a full disk otherwise shows up as scattered 'No space left' errors."""
+def _disk_line() -> tuple[str, bool]:
     root = tempfile.gettempdir()
     free_gb = shutil.disk_usage(root).free / 2**30
-    line = f"disk: {free_gb:.1f} GB free under {root} (the suite needs about {DISK_NEEDED_GB} GB)"
-    return line if free_gb >= DISK_NEEDED_GB else f"WARNING {line}: free some space or set TMPDIR to a larger disk"
+    return f"disk: {free_gb:.1f} GB free under {root} (the suite needs about {DISK_NEEDED_GB} GB)", free_gb >= DISK_NEEDED_GB
+
+
+def pytest_report_header(config):
+    """Say the free disk up front: a full disk otherwise shows up as scattered 'No space left' errors."""
+    line, enough = _disk_line()
+    return line if enough else f"WARNING {line}: free some space or set TMPDIR to a larger disk"
+
+
+def pytest_sessionstart(session):
+    # -q hides the header (CI runs -q): a short disk still gets its one line there.
+    line, enough = _disk_line()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if not enough and reporter is not None and session.config.option.verbose < 0:
+        reporter.write_line(f"WARNING {line}: free some space or set TMPDIR to a larger disk", yellow=True)
 
 
 # /dev/shm files that bertops' processes create: DeepSpeed's CPU allreduce workspaces and the Triton
