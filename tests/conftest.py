@@ -27,24 +27,26 @@ def pytest_configure(config):
 DISK_NEEDED_GB = 4
 
 
-def _disk_line() -> tuple[str, bool]:
+def _disk_report() -> tuple[str, bool]:
+    """The free-disk line, and whether it is short of what the suite needs (then the line says the fix)."""
     root = tempfile.gettempdir()
     free_gb = shutil.disk_usage(root).free / 2**30
-    return f"disk: {free_gb:.1f} GB free under {root} (the suite needs about {DISK_NEEDED_GB} GB)", free_gb >= DISK_NEEDED_GB
+    line = f"disk: {free_gb:.1f} GB free under {root} (the suite needs about {DISK_NEEDED_GB} GB)"
+    short = free_gb < DISK_NEEDED_GB
+    return (f"WARNING {line}: free some space or set TMPDIR to a larger disk" if short else line), short
 
 
 def pytest_report_header(config):
-    """Say the free disk up front: a full disk otherwise shows up as scattered 'No space left' errors."""
-    line, enough = _disk_line()
-    return line if enough else f"WARNING {line}: free some space or set TMPDIR to a larger disk"
+    # Said up front: a full disk otherwise shows up as scattered 'No space left' errors.
+    return _disk_report()[0]
 
 
 def pytest_sessionstart(session):
     # -q hides the header (CI runs -q): a short disk still gets its one line there.
-    line, enough = _disk_line()
+    line, short = _disk_report()
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if not enough and reporter is not None and session.config.option.verbose < 0:
-        reporter.write_line(f"WARNING {line}: free some space or set TMPDIR to a larger disk", yellow=True)
+    if short and reporter is not None and session.config.option.verbose < 0:
+        reporter.write_line(line, yellow=True)
 
 
 # /dev/shm files that bertops' processes create: DeepSpeed's CPU allreduce workspaces and the Triton
